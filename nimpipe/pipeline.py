@@ -1,0 +1,1168 @@
+"""The turn pipeline: ``pre_input`` -> ``select_provider`` -> model call ->
+``on_response`` -> ``post_output`` -> ``record_cost``.
+
+One implementation serves four entry points: :meth:`Pipeline.run`,
+:meth:`Pipeline.arun`, :meth:`Pipeline.stream` and :meth:`Pipeline.astream`.
+The turn logic is an async generator; the async forms iterate it on the
+caller's event loop, the sync forms drive it by hand with blocking I/O (see
+:mod:`nimpipe._sync`).  A pipeline is safe to share between threads and
+between concurrent tasks: per-turn state lives in the generator, shared
+state (plugins, clients) is immutable or locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import attrs
+
+from nimpipe import _sync
+from nimpipe.config import Config
+from nimpipe.errors import (
+    BlockedError,
+    CancelledError,
+    ConfigError,
+    DeadlineExceededError,
+    NimpipeError,
+    NoRouteError,
+    PluginLoadError,
+    ProviderError,
+)
+from nimpipe.plugins import BUILTIN_STAGES, CONTRIB_STAGES, Plugins, Resolver
+from nimpipe.provider import OpenAIProvider
+from nimpipe.types import (
+    Accept,
+    Attempt,
+    Block,
+    CallRecord,
+    Deferred,
+    Escalate,
+    Output,
+    Response,
+    Retry,
+    Rewrite,
+    Role,
+    Route,
+    Turn,
+    TurnResult,
+    Usage,
+)
+
+__all__ = ["CancelToken", "Pipeline", "TurnStream", "AsyncTurnStream"]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
+_STRENGTH = {Block: 4, Escalate: 3, Retry: 2, Accept: 1}
+
+
+class CancelToken:
+    """Cancels a running turn from any thread.
+
+    Pass it to ``run``/``arun``/``stream``; :meth:`cancel` stops the turn at
+    the next chunk or step (and, under ``arun``, cancels the awaiting task at
+    once).  The turn then raises :class:`~nimpipe.errors.CancelledError`; the
+    call in flight is recorded as ``cancelled``.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on cancellation (at once if already cancelled); returns a remover."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+
+                def remove() -> None:
+                    with self._lock:
+                        if callback in self._callbacks:
+                            self._callbacks.remove(callback)
+
+                return remove
+        callback()
+        return lambda: None
+
+
+# --------------------------------------------------------------------------
+# Sync and async strategies: the only place the two modes differ.
+# --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class _Mode:
+    provider: OpenAIProvider
+    is_async: bool
+    resolve: Resolver
+
+    async def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
+        if self.is_async:
+            remaining = turn.remaining()
+            call = self.provider.acomplete(route, turn, timeout)
+            if remaining is None:
+                return await call
+            try:
+                return await asyncio.wait_for(call, max(remaining, 0.001))
+            except asyncio.TimeoutError:
+                raise DeadlineExceededError(
+                    f"turn {turn.id} ran past its deadline", turn_id=turn.id
+                ) from None
+        return self.provider.complete(route, turn, timeout)
+
+    def stream(self, route: Route, turn: Turn, timeout: float) -> AsyncIterator[str | Response]:
+        if self.is_async:
+            return self.provider.astream(route, turn, timeout)
+        return _sync.SyncIter(self.provider.stream(route, turn, timeout))
+
+    async def sleep(self, seconds: float) -> None:
+        if self.is_async:
+            await asyncio.sleep(seconds)
+        else:
+            time.sleep(seconds)
+
+
+@attrs.define
+class _TurnLog:
+    """What one turn accumulates: decisions and call records."""
+
+    decisions: list[Any] = attrs.field(factory=list)
+    records: list[CallRecord] = attrs.field(factory=list)
+
+
+def _stamp(decision: Any, plugin: str) -> Any:
+    """Fill in the deciding plugin's name on a decision that lacks it."""
+    if hasattr(decision, "plugin") and not decision.plugin:
+        return attrs.evolve(decision, plugin=plugin)
+    return decision
+
+
+def _backoff(tries: int, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return retry_after
+    import random
+
+    return min(8.0, 0.25 * (2**tries)) * (0.5 + random.random() / 2)
+
+
+@attrs.define
+class Pipeline:
+    """Runs turns through the registered stages and the provider.
+
+    Build one with :meth:`create`; share it between threads and tasks; close
+    it with :meth:`close` (or use it as a context manager).
+    """
+
+    config: Config
+    plugins: Plugins
+    provider: OpenAIProvider = attrs.field(factory=OpenAIProvider)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    # ------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        config: Config | None = None,
+        *,
+        plugins: Iterable[Any] = (),
+        entrypoints: bool = True,
+        provider: OpenAIProvider | None = None,
+    ) -> Pipeline:
+        """Build a pipeline: built-in stages, enabled contrib stages, ``plugins``, entry points.
+
+        :param config: the configuration (default: :meth:`Config.load`).
+        :param plugins: extra plugins, each an object or a ``(name, object)`` pair.
+        :param entrypoints: load plugins from the ``nimpipe`` entry-point group
+            (``config.load_plugins`` chooses which).
+        """
+        config = Config.load() if config is None else config
+        registry = Plugins(trace=config.trace)
+        registry.block(config.disable_plugins)
+        for name, module in BUILTIN_STAGES.items():
+            registry.register_module(name, module, kind="builtin")
+        for name in config.stages:
+            module = CONTRIB_STAGES.get(name)
+            if module is None:
+                known = ", ".join(sorted(CONTRIB_STAGES)) or "none"
+                raise ConfigError(
+                    f"unknown stage (known: {known})", path=config.source, key=f"stages.{name}"
+                )
+            registry.register_module(name, module, kind="contrib")
+        for item in plugins:
+            if isinstance(item, tuple):
+                registry.register(item[1], item[0])
+            else:
+                registry.register(item)
+        if entrypoints and config.load_plugins != ():
+            registry.load_entrypoints(config.load_plugins)
+        try:
+            registry.pm.check_pending()
+        except Exception as exc:
+            plugin = getattr(exc, "plugin", None)
+            raise PluginLoadError(
+                str(exc), plugin=getattr(plugin, "__name__", str(plugin))
+            ) from exc
+        pipeline = cls(config, registry, provider or OpenAIProvider())
+        _sync.drive(registry.collect("configure", _sync.resolve_blocking, pipeline=pipeline))
+        return pipeline
+
+    def close(self) -> None:
+        """Call ``unconfigure`` on every plugin and close the clients (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _sync.drive(self.plugins.collect("unconfigure", _sync.resolve_blocking, pipeline=self))
+        finally:
+            self.provider.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def hooks(self) -> Plugins:
+        """The plugin registry (``pipeline.hooks.call(name, ...)`` calls any hook)."""
+        return self.plugins
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return tuple(self.config.routes.values())
+
+    def replace_routes(self, *routes: Route) -> None:
+        """Add or replace routes (stages that discover endpoints use this)."""
+        self.config = self.config.with_routes(*routes)
+
+    # ------------------------------------------------------------------
+    # entry points
+    # ------------------------------------------------------------------
+
+    def run(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnResult:
+        """Run a turn to completion, blocking.  Blocks are returned, not raised."""
+        self._refuse_inside_loop("run")
+        result = None
+        for item in _sync.drive_iter(self._events(turn, self._mode(False), False, cancel)):
+            if isinstance(item, TurnResult):
+                result = item
+        assert result is not None
+        return result
+
+    async def arun(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnResult:
+        """Run a turn to completion on the running event loop."""
+        result = None
+        async with _cancel_scope(cancel):
+            async for item in self._events(turn, self._mode(True), False, cancel):
+                if isinstance(item, TurnResult):
+                    result = item
+        assert result is not None
+        return result
+
+    def stream(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnStream:
+        """Stream a turn: iterate the returned object for text; ``.result`` after the end.
+
+        While any ``post_output`` or ``on_response`` stage (or a deferred input
+        check) is active, output is held back until it has been checked: with
+        the ``buffer`` policy the checked answer arrives as one chunk, with
+        ``sentence`` each sentence is released once it passed.
+        """
+        self._refuse_inside_loop("stream")
+        return TurnStream(_sync.drive_iter(self._events(turn, self._mode(False), True, cancel)))
+
+    def astream(self, turn: Turn, *, cancel: CancelToken | None = None) -> AsyncTurnStream:
+        """Stream a turn on the running event loop (``async for``); see :meth:`stream`."""
+        return AsyncTurnStream(self._events(turn, self._mode(True), True, cancel), cancel)
+
+    # ------------------------------------------------------------------
+
+    def _mode(self, is_async: bool) -> _Mode:
+        if is_async:
+            return _Mode(self.provider, True, _sync.resolve_async)
+        return _Mode(self.provider, False, _sync.resolve_blocking)
+
+    @staticmethod
+    def _refuse_inside_loop(name: str) -> None:
+        if _sync.in_running_loop():
+            raise NimpipeError(
+                f"Pipeline.{name}() was called inside a running event loop; "
+                f"use 'await pipeline.arun(...)' or 'pipeline.astream(...)' there"
+            )
+
+    # ------------------------------------------------------------------
+    # the turn
+    # ------------------------------------------------------------------
+
+    async def _events(
+        self, turn: Turn, mode: _Mode, streaming: bool, cancel: CancelToken | None
+    ) -> AsyncIterator[str | TurnResult]:
+        if self._closed:
+            raise NimpipeError("the pipeline is closed")
+        if not turn.messages:
+            raise NimpipeError(f"turn {turn.id} has no messages")
+        log = _TurnLog()
+        plugins = self.plugins
+        _check(turn, cancel)
+
+        # Phase 1: input (only when the user spoke last: tool rounds skip it).
+        deferred: tuple[Deferred, ...] = ()
+        if turn.messages[-1].role is Role.USER and plugins.has_impls("pre_input"):
+            turn, block, deferred = await self._pre_input(turn, mode, log)
+            if block is not None:
+                if streaming:
+                    yield block.message
+                yield self._blocked(turn, block, log)
+                return
+        if deferred and not mode.is_async:
+            for check in deferred:
+                block = await self._run_deferred(check, mode)
+                if block is not None:
+                    if streaming:
+                        yield block.message
+                    yield self._blocked(turn, block, log)
+                    return
+            deferred = ()
+
+        judged = plugins.has_impls("on_response")
+        checked_output = plugins.has_impls("post_output")
+        hold = streaming and (judged or checked_output or bool(deferred))
+        sentence_release = (
+            streaming
+            and checked_output
+            and not judged
+            and not deferred
+            and self.config.stream_policy == "sentence"
+        )
+
+        attempt = Attempt()
+        last_good: tuple[Route, Response] | None = None
+        chosen: tuple[Route, Response] | None = None
+        released: list[str] = []
+        while chosen is None:
+            route = await self._select(turn, attempt, mode, log)
+            if route is None:
+                if attempt.cause is not None and last_good is not None:
+                    log.decisions.append(
+                        Accept(reason="no route left to escalate to", plugin="pipeline")
+                    )
+                    chosen = last_good
+                    break
+                raise NoRouteError(_no_route_message(turn, attempt, self.config), turn_id=turn.id)
+
+            response: Response | None = None
+            error: ProviderError | None = None
+            call = self._call(
+                turn,
+                route,
+                mode,
+                log,
+                attempt,
+                cancel,
+                streaming,
+                hold=hold,
+                deferred=deferred,
+                sentence_release=sentence_release,
+                released=released,
+            )
+            blocked_mid_call: Block | None = None
+            try:
+                async for item in call:
+                    if isinstance(item, Response):
+                        response = item
+                    elif isinstance(item, Block):
+                        blocked_mid_call = item
+                        break
+                    else:
+                        yield item
+            except ProviderError as exc:
+                error = exc
+            finally:
+                await call.aclose()
+            if blocked_mid_call is not None:
+                if streaming:
+                    yield blocked_mid_call.message
+                yield self._blocked(turn, blocked_mid_call, log)
+                return
+            deferred = ()  # input checks ran with the first call only
+
+            decision: Any = None
+            if judged:
+                decision = await self._judge(turn, route, response, error, attempt, mode, log)
+            outcome = _outcome_of(decision, error)
+            if response is not None:
+                await self._record(
+                    turn,
+                    route,
+                    attempt,
+                    response=response,
+                    outcome=outcome,
+                    reason=_reason(decision),
+                    stream=streaming,
+                    mode=mode,
+                    log=log,
+                )
+                last_good = (route, response)
+            if isinstance(decision, Block):
+                if streaming:
+                    yield decision.message
+                yield self._blocked(turn, decision, log)
+                return
+            if isinstance(decision, (Escalate, Retry)):
+                if attempt.number >= self.config.max_attempts:
+                    log.decisions.append(
+                        Accept(
+                            reason=f"max_attempts ({self.config.max_attempts}) reached",
+                            plugin="pipeline",
+                        )
+                    )
+                    if last_good is not None and (response is not None or error is not None):
+                        chosen = last_good
+                        break
+                    if error is not None:
+                        raise error
+                attempt = Attempt(
+                    number=attempt.number + 1,
+                    cause=decision,
+                    tried=(*attempt.tried, route.name),
+                    previous_route=route,
+                )
+                continue
+            if error is not None:
+                raise error
+            assert response is not None
+            chosen = (route, response)
+
+        route, response = chosen
+        # Phase 4: output (the final answer only: a tool-call response is not one).
+        text = response.text
+        if checked_output and not response.tool_calls:
+            already = "".join(released)
+            output = Output(text=text, response=response, final=True, released=already)
+            new_text, block = await self._post_output(turn, output, mode, log)
+            if block is not None:
+                if streaming:
+                    yield block.message
+                yield self._blocked(turn, block, log, route=route, response=response)
+                return
+            text = new_text
+        if streaming and hold and not sentence_release and text:
+            yield text
+        yield TurnResult(
+            turn=turn,
+            text=text,
+            response=response,
+            route=route,
+            decisions=tuple(log.decisions),
+            records=tuple(log.records),
+        )
+
+    # ------------------------------------------------------------------
+    # phases
+    # ------------------------------------------------------------------
+
+    async def _pre_input(
+        self, turn: Turn, mode: _Mode, log: _TurnLog
+    ) -> tuple[Turn, Block | None, tuple[Deferred, ...]]:
+        deferred: list[Deferred] = []
+        blocked: list[Block] = []
+
+        def step(plugin: str, result: Any, current: Turn) -> tuple[Turn, bool]:
+            if isinstance(result, Turn):
+                log.decisions.append(Rewrite(value=result, reason="input rewritten", plugin=plugin))
+                return result, False
+            if isinstance(result, Rewrite):
+                if not isinstance(result.value, Turn):
+                    raise NimpipeError(f"plugin {plugin!r}: pre_input Rewrite.value must be a Turn")
+                log.decisions.append(_stamp(result, plugin))
+                return result.value, False
+            if isinstance(result, Block):
+                block = _stamp(result, plugin)
+                log.decisions.append(block)
+                blocked.append(block)
+                return current, True
+            if isinstance(result, Deferred):
+                deferred.append(_stamp(result, plugin))
+                return current, False
+            raise NimpipeError(
+                f"plugin {plugin!r}: pre_input returned {type(result).__name__}; "
+                "expected Turn, Rewrite, Block, Deferred or None"
+            )
+
+        turn = await self.plugins.chain(
+            "pre_input", mode.resolve, "turn", turn, step, pipeline=self
+        )
+        return turn, (blocked[0] if blocked else None), tuple(deferred)
+
+    async def _run_deferred(self, check: Deferred, mode: _Mode) -> Block | None:
+        try:
+            result = await mode.resolve(check.check())
+        except (BlockedError,) as exc:
+            return exc.block
+        if result is None:
+            return None
+        if not isinstance(result, Block):
+            raise NimpipeError(
+                f"deferred check {check.name!r} of {check.plugin!r} returned {result!r}"
+            )
+        return _stamp(result, check.plugin)
+
+    async def _select(
+        self, turn: Turn, attempt: Attempt, mode: _Mode, log: _TurnLog
+    ) -> Route | None:
+        candidates = tuple(self.config.routes.values())
+        if isinstance(attempt.cause, Escalate):
+            candidates = tuple(r for r in candidates if r.name not in attempt.tried)
+        if not candidates:
+            return None
+        if self.plugins.has_impls("filter_routes"):
+
+            def step(plugin: str, result: Any, current: tuple[Route, ...]) -> tuple[Any, bool]:
+                kept = tuple(result)
+                if not all(isinstance(r, Route) for r in kept):
+                    raise NimpipeError(f"plugin {plugin!r}: filter_routes must return routes")
+                return kept, not kept
+
+            candidates = await self.plugins.chain(
+                "filter_routes", mode.resolve, "routes", candidates, step, turn=turn, pipeline=self
+            )
+            if not candidates:
+                return None
+        found = await self.plugins.first(
+            "select_provider",
+            mode.resolve,
+            turn=turn,
+            routes=candidates,
+            attempt=attempt,
+            pipeline=self,
+        )
+        if found is None:
+            return None
+        plugin, choice = found
+        if isinstance(choice, str):
+            choice = self.config.route(choice)
+        if not isinstance(choice, Route):
+            raise NimpipeError(
+                f"plugin {plugin!r}: select_provider returned {type(choice).__name__}"
+            )
+        return choice
+
+    async def _judge(
+        self,
+        turn: Turn,
+        route: Route,
+        response: Response | None,
+        error: ProviderError | None,
+        attempt: Attempt,
+        mode: _Mode,
+        log: _TurnLog,
+    ) -> Any:
+        results = await self.plugins.collect(
+            "on_response",
+            mode.resolve,
+            turn=turn,
+            route=route,
+            response=response,
+            error=error,
+            attempt=attempt,
+            pipeline=self,
+        )
+        best: Any = None
+        for plugin, result in results:
+            strength = _STRENGTH.get(type(result))
+            if strength is None:
+                raise NimpipeError(
+                    f"plugin {plugin!r}: on_response returned {type(result).__name__}; "
+                    "expected Accept, Retry, Escalate, Block or None"
+                )
+            result = _stamp(result, plugin)
+            log.decisions.append(result)
+            if best is None or strength > _STRENGTH[type(best)]:
+                best = result
+        return best
+
+    async def _post_output(
+        self, turn: Turn, output: Output, mode: _Mode, log: _TurnLog
+    ) -> tuple[str, Block | None]:
+        blocked: list[Block] = []
+
+        def step(plugin: str, result: Any, current: Output) -> tuple[Output, bool]:
+            if isinstance(result, str):
+                log.decisions.append(
+                    Rewrite(value=result, reason="output rewritten", plugin=plugin)
+                )
+                return attrs.evolve(current, text=result), False
+            if isinstance(result, Rewrite):
+                if not isinstance(result.value, str):
+                    raise NimpipeError(
+                        f"plugin {plugin!r}: post_output Rewrite.value must be a str"
+                    )
+                log.decisions.append(_stamp(result, plugin))
+                return attrs.evolve(current, text=result.value), False
+            if isinstance(result, Block):
+                block = _stamp(result, plugin)
+                log.decisions.append(block)
+                blocked.append(block)
+                return current, True
+            raise NimpipeError(
+                f"plugin {plugin!r}: post_output returned {type(result).__name__}; "
+                "expected str, Rewrite, Block or None"
+            )
+
+        final = await self.plugins.chain(
+            "post_output", mode.resolve, "output", output, step, turn=turn, pipeline=self
+        )
+        return final.text, (blocked[0] if blocked else None)
+
+    # ------------------------------------------------------------------
+    # the model call
+    # ------------------------------------------------------------------
+
+    async def _call(
+        self,
+        turn: Turn,
+        route: Route,
+        mode: _Mode,
+        log: _TurnLog,
+        attempt: Attempt,
+        cancel: CancelToken | None,
+        streaming: bool,
+        *,
+        hold: bool,
+        deferred: tuple[Deferred, ...],
+        sentence_release: bool,
+        released: list[str],
+    ) -> AsyncIterator[str | Response | Block]:
+        """One model call with transport retries; yields released text, then the Response.
+
+        Yields a :class:`Block` instead when a deferred input check or a
+        sentence check blocks mid-call.
+        """
+        checks = [asyncio.ensure_future(mode.resolve(d.check())) for d in deferred]
+        tries = 0
+        try:
+            while True:
+                timeout = _timeout(turn, route)
+                started = time.time()
+                partial: list[str] = []
+                try:
+                    if streaming:
+                        sentence_buf = ""
+                        async for item in mode.stream(route, turn, timeout):
+                            _check(turn, cancel)
+                            if checks:
+                                block = self._finished_block(checks, deferred)
+                                if block is not None:
+                                    await self._record_aborted(
+                                        turn,
+                                        route,
+                                        attempt,
+                                        started,
+                                        partial,
+                                        "cancelled",
+                                        "input blocked",
+                                        mode,
+                                        log,
+                                    )
+                                    yield block
+                                    return
+                            if isinstance(item, Response):
+                                if sentence_release and sentence_buf:
+                                    text, block = await self._post_output(
+                                        turn,
+                                        Output(
+                                            text=sentence_buf,
+                                            final=False,
+                                            released="".join(released),
+                                        ),
+                                        mode,
+                                        log,
+                                    )
+                                    if block is not None:
+                                        await self._record_aborted(
+                                            turn,
+                                            route,
+                                            attempt,
+                                            started,
+                                            partial,
+                                            "blocked",
+                                            block.reason,
+                                            mode,
+                                            log,
+                                        )
+                                        yield block
+                                        return
+                                    released.append(text)
+                                    yield text
+                                if checks:
+                                    block = await self._await_checks(checks, deferred)
+                                    if block is not None:
+                                        await self._record_aborted(
+                                            turn,
+                                            route,
+                                            attempt,
+                                            started,
+                                            partial,
+                                            "cancelled",
+                                            "input blocked",
+                                            mode,
+                                            log,
+                                        )
+                                        yield block
+                                        return
+                                yield item
+                                return
+                            partial.append(item)
+                            if not hold:
+                                released.append(item)
+                                yield item
+                            elif sentence_release:
+                                sentence_buf += item
+                                pieces = _SENTENCE_END.split(sentence_buf)
+                                if len(pieces) > 1:
+                                    cut = len(sentence_buf) - len(pieces[-1])
+                                    segment, sentence_buf = sentence_buf[:cut], sentence_buf[cut:]
+                                    text, block = await self._post_output(
+                                        turn,
+                                        Output(
+                                            text=segment, final=False, released="".join(released)
+                                        ),
+                                        mode,
+                                        log,
+                                    )
+                                    if block is not None:
+                                        await self._record_aborted(
+                                            turn,
+                                            route,
+                                            attempt,
+                                            started,
+                                            partial,
+                                            "blocked",
+                                            block.reason,
+                                            mode,
+                                            log,
+                                        )
+                                        yield block
+                                        return
+                                    released.append(text)
+                                    yield text
+                    else:
+                        if checks:
+                            response_or_block = await self._complete_with_checks(
+                                turn, route, timeout, mode, checks, deferred
+                            )
+                            if isinstance(response_or_block, Block):
+                                await self._record_aborted(
+                                    turn,
+                                    route,
+                                    attempt,
+                                    started,
+                                    partial,
+                                    "cancelled",
+                                    "input blocked",
+                                    mode,
+                                    log,
+                                )
+                                yield response_or_block
+                                return
+                            yield response_or_block
+                            return
+                        yield await mode.complete(route, turn, timeout)
+                        return
+                except ProviderError as exc:
+                    retrying = (
+                        exc.transient and tries < route.max_retries and not (partial and not hold)
+                    )
+                    delay = _backoff(tries, exc.retry_after) if retrying else 0.0
+                    remaining = turn.remaining()
+                    if retrying and remaining is not None and delay >= remaining:
+                        retrying = False
+                    await self._record_failed(
+                        turn,
+                        route,
+                        attempt,
+                        started,
+                        exc,
+                        partial,
+                        "retried" if retrying else "error",
+                        streaming,
+                        mode,
+                        log,
+                    )
+                    if not retrying:
+                        raise
+                    tries += 1
+                    await mode.sleep(delay)
+                    _check(turn, cancel)
+                except BaseException as exc:
+                    if isinstance(exc, (CancelledError, DeadlineExceededError)) or (
+                        isinstance(exc, asyncio.CancelledError)
+                    ):
+                        await self._record_aborted(
+                            turn,
+                            route,
+                            attempt,
+                            started,
+                            partial,
+                            "cancelled",
+                            type(exc).__name__,
+                            mode,
+                            log,
+                        )
+                    raise
+        finally:
+            for task in checks:
+                if not task.done():
+                    task.cancel()
+
+    async def _complete_with_checks(
+        self,
+        turn: Turn,
+        route: Route,
+        timeout: float,
+        mode: _Mode,
+        checks: list[asyncio.Future[Any]],
+        deferred: tuple[Deferred, ...],
+    ) -> Response | Block:
+        call = asyncio.ensure_future(mode.complete(route, turn, timeout))
+        pending: set[asyncio.Future[Any]] = {call, *checks}
+        try:
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                block = self._finished_block(checks, deferred)
+                if block is not None:
+                    return block
+                if call in done:
+                    block = await self._await_checks(checks, deferred)
+                    return block if block is not None else call.result()
+        finally:
+            if not call.done():
+                call.cancel()
+                try:
+                    await call
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+    @staticmethod
+    def _finished_block(
+        checks: Sequence[asyncio.Future[Any]], deferred: tuple[Deferred, ...]
+    ) -> Block | None:
+        for task, d in zip(checks, deferred):
+            if task.done():
+                result = task.result()
+                if isinstance(result, Block):
+                    return _stamp(result, d.plugin)
+        return None
+
+    async def _await_checks(
+        self, checks: Sequence[asyncio.Future[Any]], deferred: tuple[Deferred, ...]
+    ) -> Block | None:
+        for task in checks:
+            if not task.done():
+                await asyncio.wait([task])
+        return self._finished_block(checks, deferred)
+
+    # ------------------------------------------------------------------
+    # records
+    # ------------------------------------------------------------------
+
+    async def _record(
+        self,
+        turn: Turn,
+        route: Route,
+        attempt: Attempt,
+        *,
+        response: Response,
+        outcome: str,
+        reason: str,
+        stream: bool,
+        mode: _Mode,
+        log: _TurnLog,
+    ) -> None:
+        usage = response.usage
+        if usage.source == "none":
+            usage = _estimate(turn, response.text, route)
+        record = _make_record(
+            turn,
+            route,
+            attempt,
+            usage=usage,
+            started=time.time() - response.latency,
+            latency=response.latency,
+            ttft=response.ttft,
+            outcome=outcome,
+            reason=reason,
+            stream=stream,
+            error=None,
+        )
+        await self._emit(record, turn, mode, log)
+
+    async def _record_failed(
+        self,
+        turn: Turn,
+        route: Route,
+        attempt: Attempt,
+        started: float,
+        exc: ProviderError,
+        partial: list[str],
+        outcome: str,
+        stream: bool,
+        mode: _Mode,
+        log: _TurnLog,
+    ) -> None:
+        usage = _estimate(turn, "".join(partial), route) if partial else Usage(source="none")
+        record = _make_record(
+            turn,
+            route,
+            attempt,
+            usage=usage,
+            started=started,
+            latency=time.time() - started,
+            ttft=None,
+            outcome=outcome,
+            reason=str(exc),
+            stream=stream,
+            error=exc.kind,
+        )
+        await self._emit(record, turn, mode, log)
+
+    async def _record_aborted(
+        self,
+        turn: Turn,
+        route: Route,
+        attempt: Attempt,
+        started: float,
+        partial: list[str],
+        outcome: str,
+        reason: str,
+        mode: _Mode,
+        log: _TurnLog,
+    ) -> None:
+        # A call cut short still spent the prompt's tokens: estimate them.
+        usage = _estimate(turn, "".join(partial), route)
+        record = _make_record(
+            turn,
+            route,
+            attempt,
+            usage=usage,
+            started=started,
+            latency=time.time() - started,
+            ttft=None,
+            outcome=outcome,
+            reason=reason,
+            stream=bool(partial),
+            error=None,
+        )
+        await self._emit(record, turn, mode, log)
+
+    async def _emit(self, record: CallRecord, turn: Turn, mode: _Mode, log: _TurnLog) -> None:
+        log.records.append(record)
+        if self.plugins.has_impls("record_cost"):
+            await self.plugins.collect(
+                "record_cost", mode.resolve, record=record, turn=turn, pipeline=self
+            )
+
+    def _blocked(
+        self,
+        turn: Turn,
+        block: Block,
+        log: _TurnLog,
+        *,
+        route: Route | None = None,
+        response: Response | None = None,
+    ) -> TurnResult:
+        return TurnResult(
+            turn=turn,
+            text=block.message,
+            response=response,
+            route=route,
+            blocked=block,
+            decisions=tuple(log.decisions),
+            records=tuple(log.records),
+        )
+
+
+def _make_record(
+    turn: Turn,
+    route: Route,
+    attempt: Attempt,
+    *,
+    usage: Usage,
+    started: float,
+    latency: float,
+    ttft: float | None,
+    outcome: str,
+    reason: str,
+    stream: bool,
+    error: str | None,
+) -> CallRecord:
+    price = route.price
+    cost = price.cost(usage.prompt_tokens, usage.completion_tokens) if price else 0.0
+    return CallRecord(
+        time=started,
+        turn_id=turn.id,
+        agent_id=turn.agent_id,
+        agent_type=turn.agent_type,
+        route=route.name,
+        provider=route.host,
+        model=turn.model or route.model,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        usage_source=usage.source,
+        cost_usd=cost,
+        price_source=price.source if price else "none",
+        latency=latency,
+        ttft=ttft,
+        outcome=outcome,
+        error=error,
+        attempt=attempt.number,
+        reason=reason,
+        stream=stream,
+    )
+
+
+def _estimate(turn: Turn, completion_text: str, route: Route) -> Usage:
+    from nimpipe import tokens
+
+    model = turn.model or route.model
+    prompt = tokens.count_messages(turn.messages, model, turn.tools).count
+    completion = tokens.count_tokens(completion_text, model).count if completion_text else 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, source="estimated")
+
+
+def _timeout(turn: Turn, route: Route) -> float:
+    remaining = turn.remaining()
+    if remaining is None:
+        return route.timeout
+    if remaining <= 0:
+        raise DeadlineExceededError(f"turn {turn.id} ran past its deadline", turn_id=turn.id)
+    return min(route.timeout, remaining)
+
+
+def _check(turn: Turn, cancel: CancelToken | None) -> None:
+    if cancel is not None and cancel.cancelled:
+        raise CancelledError(turn_id=turn.id)
+    remaining = turn.remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceededError(f"turn {turn.id} ran past its deadline", turn_id=turn.id)
+
+
+def _outcome_of(decision: Any, error: ProviderError | None) -> str:
+    if isinstance(decision, Escalate):
+        return "escalated"
+    if isinstance(decision, Retry):
+        return "retried"
+    if isinstance(decision, Block):
+        return "blocked"
+    return "error" if error is not None else "ok"
+
+
+def _reason(decision: Any) -> str:
+    if decision is None:
+        return ""
+    return f"{decision.plugin}: {decision.reason}" if decision.reason else decision.plugin
+
+
+def _no_route_message(turn: Turn, attempt: Attempt, config: Config) -> str:
+    if not config.routes:
+        return (
+            "no route is configured: add [routes.NAME] to nimpipe.toml, or set "
+            "NIMPIPE_BASE_URL and NIMPIPE_MODEL (or jaato's JAATO_NIM_BASE_URL and JAATO_NIM_MODEL)"
+        )
+    if turn.route is not None and attempt.number == 1:
+        return f"turn {turn.id} asks for route {turn.route!r}, which is not available (routes: {', '.join(config.routes)})"
+    return f"no route left for turn {turn.id} (tried: {', '.join(attempt.tried) or 'none'})"
+
+
+class _cancel_scope:
+    """Under ``arun``: a CancelToken cancels the awaiting task at once."""
+
+    def __init__(self, cancel: CancelToken | None) -> None:
+        self._cancel = cancel
+        self._remove: Callable[[], None] | None = None
+        self._fired = False
+
+    async def __aenter__(self) -> None:
+        if self._cancel is None:
+            return
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+
+        def fire() -> None:
+            self._fired = True
+            if task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        self._remove = self._cancel.add_callback(fire)
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if self._remove is not None:
+            self._remove()
+        if self._fired and exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()
+            raise CancelledError() from exc
+        return False
+
+
+class TurnStream:
+    """Iterate for released text chunks; :attr:`result` holds the :class:`TurnResult` after."""
+
+    def __init__(self, events: Iterator[str | TurnResult]) -> None:
+        self._events = events
+        self.result: TurnResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for item in self._events:
+            if isinstance(item, TurnResult):
+                self.result = item
+            else:
+                yield item
+
+    def close(self) -> None:
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+    def text(self) -> str:
+        """Consume the stream and return the released text."""
+        return "".join(self)
+
+
+class AsyncTurnStream:
+    """``async for`` released text chunks; :attr:`result` holds the :class:`TurnResult` after."""
+
+    def __init__(self, events: AsyncIterator[str | TurnResult], cancel: CancelToken | None) -> None:
+        self._events = events
+        self._cancel = cancel
+        self.result: TurnResult | None = None
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async with _cancel_scope(self._cancel):
+            async for item in self._events:
+                if isinstance(item, TurnResult):
+                    self.result = item
+                else:
+                    yield item
+
+    async def text(self) -> str:
+        """Consume the stream and return the released text."""
+        return "".join([chunk async for chunk in self])

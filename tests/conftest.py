@@ -1,0 +1,46 @@
+"""Shared fixtures: an isolated environment and the real local servers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Tests never load whatever plugins happen to be installed, never read the
+# developer's config, and never see their keys.
+for _name in list(os.environ):
+    if _name.startswith(("NIMPIPE_", "JAATO_NIM_")) and _name != "NIMPIPE_REQUIRE_LLAMA":
+        del os.environ[_name]
+os.environ["NIMPIPE_LOAD_PLUGINS"] = ""
+os.environ["NEMO_GUARDRAILS_NO_USAGE_STATS"] = "1"
+
+#: The fixed address cassettes were recorded against (the ``live`` session serves llama.cpp here).
+CASSETTE_PORT = 18080
+CASSETTE_BASE_URL = f"http://127.0.0.1:{CASSETTE_PORT}/v1"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No nimpipe.toml from the developer's home or working directory."""
+    home = tmp_path_factory.getbasetemp() / "xdg-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Iterator[object]:
+    """The real llama.cpp server with SmolLM2, started once per session on 127.0.0.1.
+
+    Skips when the embedded model is not installed, unless
+    ``NIMPIPE_REQUIRE_LLAMA`` is set (as in ``nox -s tests``), where it fails.
+    """
+    from nimpipe.embedded import EmbeddedModel
+
+    model = EmbeddedModel()
+    if not model.is_installed():
+        message = "embedded llama.cpp server not installed (python -m nimpipe.embedded install)"
+        if os.environ.get("NIMPIPE_REQUIRE_LLAMA"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with model.start() as server:
+        yield server
