@@ -55,7 +55,16 @@ def demo(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the code, tests, benchmarks and this file."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "nimpipe", "nimpipe_contrib", "hookspecs", "tests", "benchmarks", "noxfile.py")
+    session.run(
+        "ruff",
+        "check",
+        "nimpipe",
+        "nimpipe_contrib",
+        "hookspecs",
+        "tests",
+        "benchmarks",
+        "noxfile.py",
+    )
     session.run("ruff", "format", "--check", "nimpipe", "nimpipe_contrib", "hookspecs")
 
 

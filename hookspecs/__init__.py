@@ -34,6 +34,7 @@ from nimpipe._markers import hookspec
 if TYPE_CHECKING:
     import pluggy
 
+    from nimpipe.errors import ProviderError
     from nimpipe.pipeline import Pipeline
     from nimpipe.types import (
         Attempt,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
         Route,
         Turn,
     )
-    from nimpipe.errors import ProviderError
 
 #: Hooks the pipeline calls as a chain (each sees the previous one's result).
 CHAINED = frozenset({"pre_input", "filter_routes", "post_output"})

@@ -107,10 +107,30 @@ __all__ = [
     "hookspec",
 ]
 
-_TYPES = (
-    "Accept Attempt Block CallRecord Deferred Escalate FinishReason Message Output Price "
-    "Response Retry Rewrite Role Route Secret ToolCall ToolSpec Turn TurnResult Usage Verdict"
-).split()
+_TYPES = [
+    "Accept",
+    "Attempt",
+    "Block",
+    "CallRecord",
+    "Deferred",
+    "Escalate",
+    "FinishReason",
+    "Message",
+    "Output",
+    "Price",
+    "Response",
+    "Retry",
+    "Rewrite",
+    "Role",
+    "Route",
+    "Secret",
+    "ToolCall",
+    "ToolSpec",
+    "Turn",
+    "TurnResult",
+    "Usage",
+    "Verdict",
+]
 
 # Public names loaded on first use, so that ``import nimpipe`` stays cheap.
 _LAZY = {

@@ -71,7 +71,7 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
     try:
         coro.send(None)
     except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
+        return stop.value  # type: ignore[no-any-return,unused-ignore]
     coro.close()
     raise RuntimeError(
         "a nimpipe coroutine suspended in synchronous mode; an awaitable was "
@@ -89,22 +89,22 @@ def drive_iter(agen: AsyncGenerator[T, None]) -> Iterator[T]:
         while True:
             step = agen.__anext__()
             try:
-                step.send(None)  # type: ignore[attr-defined]
+                step.send(None)
             except StopIteration as item:
                 yield item.value
                 continue
             except StopAsyncIteration:
                 return
-            step.close()  # type: ignore[attr-defined]
+            step.close()
             raise RuntimeError("a nimpipe stream suspended in synchronous mode")
     finally:
         closing = agen.aclose()
         try:
-            closing.send(None)  # type: ignore[attr-defined]
+            closing.send(None)
         except (StopIteration, StopAsyncIteration):
             pass
         else:  # pragma: no cover - a finally block that suspends is a bug
-            closing.close()  # type: ignore[attr-defined]
+            closing.close()
 
 
 class SyncIter:

@@ -133,6 +133,8 @@ class ProviderError(NimpipeError):
         self.status_code = status_code
         self.retry_after = retry_after
         self.body = body
+        #: The message without the route prefix.
+        self.message = message
         where = f"route {route.name!r}: " if route is not None else ""
         super().__init__(f"{where}{message}")
 
@@ -168,7 +170,7 @@ class MalformedReplyError(ProviderError):
     transient = True
 
 
-class TimeoutError(ProviderError):  # noqa: A001 - deliberately mirrors the builtin's meaning
+class TimeoutError(ProviderError):
     """The endpoint did not answer within the route's timeout or the turn's deadline."""
 
     transient = True

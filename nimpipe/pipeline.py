@@ -13,10 +13,11 @@ state (plugins, clients) is immutable or locked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -53,7 +54,7 @@ from nimpipe.types import (
     Usage,
 )
 
-__all__ = ["CancelToken", "Pipeline", "TurnStream", "AsyncTurnStream"]
+__all__ = ["AsyncTurnStream", "CancelToken", "Pipeline", "TurnStream"]
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _STRENGTH = {Block: 4, Escalate: 3, Retry: 2, Accept: 1}
@@ -199,13 +200,13 @@ class Pipeline:
         for name, module in BUILTIN_STAGES.items():
             registry.register_module(name, module, kind="builtin")
         for name in config.stages:
-            module = CONTRIB_STAGES.get(name)
-            if module is None:
+            contrib = CONTRIB_STAGES.get(name)
+            if contrib is None:
                 known = ", ".join(sorted(CONTRIB_STAGES)) or "none"
                 raise ConfigError(
                     f"unknown stage (known: {known})", path=config.source, key=f"stages.{name}"
                 )
-            registry.register_module(name, module, kind="contrib")
+            registry.register_module(name, contrib, kind="contrib")
         for item in plugins:
             if isinstance(item, tuple):
                 registry.register(item[1], item[0])
@@ -313,7 +314,7 @@ class Pipeline:
 
     async def _events(
         self, turn: Turn, mode: _Mode, streaming: bool, cancel: CancelToken | None
-    ) -> AsyncIterator[str | TurnResult]:
+    ) -> AsyncGenerator[str | TurnResult, None]:
         if self._closed:
             raise NimpipeError("the pipeline is closed")
         if not turn.messages:
@@ -514,7 +515,7 @@ class Pipeline:
     async def _run_deferred(self, check: Deferred, mode: _Mode) -> Block | None:
         try:
             result = await mode.resolve(check.check())
-        except (BlockedError,) as exc:
+        except BlockedError as exc:
             return exc.block
         if result is None:
             return None
@@ -649,7 +650,7 @@ class Pipeline:
         deferred: tuple[Deferred, ...],
         sentence_release: bool,
         released: list[str],
-    ) -> AsyncIterator[str | Response | Block]:
+    ) -> AsyncGenerator[str | Response | Block, None]:
         """One model call with transport retries; yields released text, then the Response.
 
         Yields a :class:`Block` instead when a deferred input check or a
@@ -812,8 +813,8 @@ class Pipeline:
                     await mode.sleep(delay)
                     _check(turn, cancel)
                 except BaseException as exc:
-                    if isinstance(exc, (CancelledError, DeadlineExceededError)) or (
-                        isinstance(exc, asyncio.CancelledError)
+                    if isinstance(
+                        exc, (CancelledError, DeadlineExceededError, asyncio.CancelledError)
                     ):
                         await self._record_aborted(
                             turn,
@@ -838,7 +839,7 @@ class Pipeline:
         route: Route,
         timeout: float,
         mode: _Mode,
-        checks: list[asyncio.Future[Any]],
+        checks: Sequence[asyncio.Future[Any]],
         deferred: tuple[Deferred, ...],
     ) -> Response | Block:
         call = asyncio.ensure_future(mode.complete(route, turn, timeout))
@@ -855,16 +856,14 @@ class Pipeline:
         finally:
             if not call.done():
                 call.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await call
-                except (asyncio.CancelledError, Exception):
-                    pass
 
     @staticmethod
     def _finished_block(
         checks: Sequence[asyncio.Future[Any]], deferred: tuple[Deferred, ...]
     ) -> Block | None:
-        for task, d in zip(checks, deferred):
+        for task, d in zip(checks, deferred, strict=True):
             if task.done():
                 result = task.result()
                 if isinstance(result, Block):
@@ -1087,7 +1086,10 @@ def _no_route_message(turn: Turn, attempt: Attempt, config: Config) -> str:
             "NIMPIPE_BASE_URL and NIMPIPE_MODEL (or jaato's JAATO_NIM_BASE_URL and JAATO_NIM_MODEL)"
         )
     if turn.route is not None and attempt.number == 1:
-        return f"turn {turn.id} asks for route {turn.route!r}, which is not available (routes: {', '.join(config.routes)})"
+        return (
+            f"turn {turn.id} asks for route {turn.route!r}, which is not available "
+            f"(routes: {', '.join(config.routes)})"
+        )
     return f"no route left for turn {turn.id} (tried: {', '.join(attempt.tried) or 'none'})"
 
 

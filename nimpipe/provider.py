@@ -17,7 +17,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -109,7 +109,7 @@ def parse_completion(obj: Any, route: Route, latency: float) -> Response:
     message = getattr(choice, "message", None)
     if message is None:
         raise MalformedReplyError("reply choice has no message", route=route)
-    calls = []
+    calls: list[ToolCall] = []
     for call in getattr(message, "tool_calls", None) or ():
         fn = getattr(call, "function", None)
         if fn is None or not getattr(fn, "name", None):
@@ -198,10 +198,13 @@ class StreamAssembler:
         return "".join(self.text_parts)
 
     def response(self) -> Response:
-        """The complete response; raises :class:`MalformedReplyError` if the stream never finished."""
+        """The complete response.
+
+        Raises :class:`MalformedReplyError` if the stream carried no choice at all.
+        """
         if self.finish is None and not self.text_parts and not self._calls:
             raise MalformedReplyError("stream ended without any choice", route=self.route)
-        calls = []
+        calls: list[ToolCall] = []
         for index in sorted(self._calls):
             slot = self._calls[index]
             if not slot["name"]:
@@ -276,8 +279,10 @@ def translate_error(exc: BaseException, route: Route) -> ProviderError:
         ("httpx", "httpcore", "h11")
     ):
         cause = exc.__cause__ or exc.__context__
-        detail = f"{type(cause).__name__}: {cause}" if cause else str(exc)
-        return UnavailableError(f"cannot reach {route.host}: {detail}", route=route)
+        detail = f"{type(cause).__name__}: {cause}" if cause else f"{name}: {exc}"
+        if "Connect" in detail.split(":", 1)[0] or isinstance(cause, ConnectionRefusedError):
+            return UnavailableError(f"cannot reach {route.host}: {detail}", route=route)
+        return UnavailableError(f"connection to {route.host} lost: {detail}", route=route)
     if isinstance(exc, openai.APIResponseValidationError):
         return MalformedReplyError(f"reply does not match the API: {exc}", route=route)
     if isinstance(exc, openai.APIStatusError):
@@ -451,13 +456,11 @@ class OpenAIProvider:
             clients = list(self._sync.values())
             self._sync.clear()
         for client in clients:
-            try:
+            with contextlib.suppress(Exception):
                 client.close()
-            except Exception:
-                pass
 
 
-async def _close_on_shutdown(clients: dict[Route, Any]) -> AsyncIterator[None]:
+async def _close_on_shutdown(clients: dict[Route, Any]) -> AsyncGenerator[None, None]:
     """Parked for the life of an event loop; closes its clients when the loop shuts down."""
     try:
         yield
@@ -474,7 +477,7 @@ def _stream_error(exc: BaseException, route: Route, asm: StreamAssembler) -> Pro
     if asm.text_parts or asm._calls:
         # The stream broke after text arrived: report what was received.
         error = type(error)(
-            f"stream cut after {len(asm.text)} characters: {error}",
+            f"stream cut after {len(asm.text)} characters: {error.message}",
             route=route,
             status_code=error.status_code,
             retry_after=error.retry_after,

@@ -10,7 +10,7 @@ import enum
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, Union
 
 import attrs
@@ -129,6 +129,22 @@ class ToolSpec:
         }
 
 
+def _tool_calls(value: Iterable[ToolCall]) -> tuple[ToolCall, ...]:
+    return tuple(value)
+
+
+def _messages(value: Iterable[Message]) -> tuple[Message, ...]:
+    return tuple(value)
+
+
+def _tools(value: Iterable[ToolSpec]) -> tuple[ToolSpec, ...]:
+    return tuple(value)
+
+
+def _tags(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
 def _role(value: Role | str) -> Role:
     return value if isinstance(value, Role) else Role(value)
 
@@ -139,7 +155,7 @@ class Message:
 
     role: Role = attrs.field(converter=_role)
     content: str | None = None
-    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=tuple)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=_tool_calls)
     #: For a tool result: the id of the call it answers.
     tool_call_id: str | None = None
     #: For a tool result: the tool's name.
@@ -201,17 +217,17 @@ class Turn:
     ``timeout`` in seconds instead.
     """
 
-    messages: tuple[Message, ...] = attrs.field(converter=tuple)
+    messages: tuple[Message, ...] = attrs.field(converter=_messages)
     id: str = attrs.field(factory=new_turn_id)
     agent_id: str = "main"
     agent_type: str = "main"
-    tags: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
+    tags: frozenset[str] = attrs.field(factory=frozenset, converter=_tags)
     deadline: float | None = None
     #: A route asked for by name (``None``: let ``select_provider`` decide).
     route: str | None = None
     #: A model asked for (``None``: the route's model).
     model: str | None = None
-    tools: tuple[ToolSpec, ...] = attrs.field(default=(), converter=tuple)
+    tools: tuple[ToolSpec, ...] = attrs.field(default=(), converter=_tools)
     #: Extra request parameters passed to the model (temperature, max_tokens, ...).
     params: Mapping[str, Any] = attrs.field(factory=dict, eq=False, hash=False)
     #: Free-form data for stages; nimpipe itself never reads it.
@@ -291,7 +307,7 @@ class Route:
     context_source: str = "unknown"
     max_output_tokens: int | None = None
     #: Free-form flags stages may read ("tokenize", "nim", "guardrails", ...).
-    flags: frozenset[str] = attrs.field(factory=frozenset, converter=frozenset)
+    flags: frozenset[str] = attrs.field(factory=frozenset, converter=_tags)
     #: Extra HTTP headers (never secrets: those go in ``api_key``).
     headers: Mapping[str, str] = attrs.field(factory=dict, eq=False, hash=False)
 
@@ -331,7 +347,7 @@ class Response:
     """What one model call produced."""
 
     text: str = ""
-    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=tuple)
+    tool_calls: tuple[ToolCall, ...] = attrs.field(default=(), converter=_tool_calls)
     finish_reason: FinishReason = FinishReason.STOP
     usage: Usage = attrs.field(factory=Usage)
     model: str = ""
@@ -431,7 +447,7 @@ class Deferred:
     plugin: str = ""
 
 
-Decision = Union[Accept, Retry, Escalate, Block, Rewrite]
+Decision = Union[Accept, Retry, Escalate, Block, Rewrite]  # noqa: UP007 - runtime alias on 3.10
 
 
 @attrs.frozen(kw_only=True)

@@ -21,7 +21,9 @@ CASSETTE_BASE_URL = f"http://127.0.0.1:{CASSETTE_PORT}/v1"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_config(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No nimpipe.toml from the developer's home or working directory."""
     home = tmp_path_factory.getbasetemp() / "xdg-config"
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home))

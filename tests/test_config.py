@@ -60,7 +60,7 @@ def test_search_order(tmp_path: Path) -> None:
 
 
 def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="NIMPIPE_CONFIG.*file not found|file not found"):
+    with pytest.raises(ConfigError, match="file not found"):
         find_config_file({"NIMPIPE_CONFIG": str(tmp_path / "nope.toml")}, tmp_path)
 
 
@@ -69,9 +69,21 @@ def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
     [
         ("[routes.a]\nmodel = 'm'\n", "routes.a.base_url", "is required"),
         ("[routes.a]\nbase_url = 'ftp://x'\nmodel = 'm'\n", "routes.a.base_url", "http"),
-        ("[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\ntier = 'high'\n", "routes.a.tier", "integer"),
-        ("[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\nspeed = 1\n", "routes.a.speed", "unknown"),
-        ("[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\napi_key = 'abc'\n", "routes.a.api_key", "api_key_env"),
+        (
+            "[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\ntier = 'high'\n",
+            "routes.a.tier",
+            "integer",
+        ),
+        (
+            "[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\nspeed = 1\n",
+            "routes.a.speed",
+            "unknown",
+        ),
+        (
+            "[routes.a]\nbase_url = 'http://x/v1'\nmodel = 'm'\napi_key = 'abc'\n",
+            "routes.a.api_key",
+            "api_key_env",
+        ),
         ("[stages.x]\ntoken = 'nvapi-123'\n", "stages.x.token", "never written"),
         ("colour = 'red'\n", "colour", "unknown setting"),
         ("stream_policy = 'drip'\n", "stream_policy", "buffer, sentence"),
@@ -79,7 +91,9 @@ def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
         ("max_attempts = 0\n", "max_attempts", "at least 1"),
     ],
 )
-def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, key: str, problem: str) -> None:
+def test_bad_config_names_file_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
     file = write(tmp_path / "nimpipe.toml", text)
     with pytest.raises(ConfigError) as info:
         Config.load(file, env={})
@@ -124,7 +138,10 @@ def test_env_errors_name_the_variable() -> None:
 
 
 def test_env_overrides_file() -> None:
-    data = {"routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}, "stream_policy": "buffer"}
+    data = {
+        "routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}},
+        "stream_policy": "buffer",
+    }
     env = {
         "NIMPIPE_ROUTE": "a",
         "NIMPIPE_STREAM_POLICY": "sentence",
@@ -150,6 +167,8 @@ def test_stage_tables_enable_stages() -> None:
 
 
 def test_route_lookup_error_lists_routes() -> None:
-    config = Config.from_dict({"routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}}, env={})
+    config = Config.from_dict(
+        {"routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}}, env={}
+    )
     with pytest.raises(ConfigError, match="routes: a"):
         config.route("b")

@@ -57,7 +57,10 @@ def chat_count(server: Any) -> int:
 
 def test_run_returns_answer_usage_and_one_record(nim_server: Any, make_pipeline: Any) -> None:
     ledger = Ledger()
-    pipeline = make_pipeline(routes=[route_for(nim_server, price=Price(input_per_1k=1.0, output_per_1k=2.0))], plugins=[ledger])
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server, price=Price(input_per_1k=1.0, output_per_1k=2.0))],
+        plugins=[ledger],
+    )
     result = pipeline.run(Turn.create("hello there", agent_id="sub-1", agent_type="explorer"))
     assert result.ok
     assert result.text == "NIM reply to: hello there"
@@ -67,7 +70,9 @@ def test_run_returns_answer_usage_and_one_record(nim_server: Any, make_pipeline:
     assert record.agent_id == "sub-1" and record.agent_type == "explorer"
     assert record.prompt_tokens == result.response.usage.prompt_tokens > 0
     assert record.completion_tokens == result.response.usage.completion_tokens > 0
-    assert record.cost_usd == pytest.approx((record.prompt_tokens * 1.0 + record.completion_tokens * 2.0) / 1000)
+    assert record.cost_usd == pytest.approx(
+        (record.prompt_tokens * 1.0 + record.completion_tokens * 2.0) / 1000
+    )
     assert result.records == (record,)
 
 
@@ -103,7 +108,11 @@ def test_astream(nim_server: Any, make_pipeline: Any) -> None:
 
 def test_tool_calls_round_trip(nim_server: Any, make_pipeline: Any) -> None:
     pipeline = make_pipeline(routes=[route_for(nim_server)])
-    tools = [ToolSpec(name="lookup", description="look up", parameters={"type": "object", "properties": {}})]
+    tools = [
+        ToolSpec(
+            name="lookup", description="look up", parameters={"type": "object", "properties": {}}
+        )
+    ]
     for streaming in (False, True):
         turn = Turn.create("please call tool lookup", tools=tools)
         if streaming:
@@ -115,7 +124,11 @@ def test_tool_calls_round_trip(nim_server: Any, make_pipeline: Any) -> None:
         (call,) = result.tool_calls
         assert call.name == "lookup"
         follow = Turn.create(
-            [*turn.messages, Message.assistant(None, (call,)), Message.tool(call.id, "42", "lookup")],
+            [
+                *turn.messages,
+                Message.assistant(None, (call,)),
+                Message.tool(call.id, "42", "lookup"),
+            ],
             tools=tools,
         )
         assert "42" in pipeline.run(follow).text
@@ -130,7 +143,9 @@ class Upper:
     @hookimpl(tryfirst=True)
     def pre_input(self, turn: Turn) -> Turn:
         last = turn.messages[-1]
-        return attrs.evolve(turn, messages=(*turn.messages[:-1], Message.user(last.content.upper())))
+        return attrs.evolve(
+            turn, messages=(*turn.messages[:-1], Message.user(last.content.upper()))
+        )
 
 
 class Exclaim:
@@ -166,7 +181,9 @@ class BlockSecrets:
 
 def test_pre_input_block_makes_no_model_call(nim_server: Any, make_pipeline: Any) -> None:
     ledger = Ledger()
-    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[("secrets", BlockSecrets()), ledger])
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[("secrets", BlockSecrets()), ledger]
+    )
     result = pipeline.run(Turn.create("tell me the password"))
     assert not result.ok
     assert result.blocked.plugin == "secrets" and result.blocked.rule == "secrets"
@@ -185,7 +202,9 @@ def test_tool_round_skips_pre_input(nim_server: Any, make_pipeline: Any) -> None
             calls.append(turn.id)
 
     pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[Spy()])
-    turn = Turn.create([Message.user("q"), Message.assistant(None, ()), Message.tool("c1", "result", "t")])
+    turn = Turn.create(
+        [Message.user("q"), Message.assistant(None, ()), Message.tool("c1", "result", "t")]
+    )
     pipeline.run(turn)
     assert calls == []
 
@@ -204,12 +223,17 @@ def test_select_provider_first_result_wins(nim_server: Any, make_pipeline: Any) 
     routes = [route_for(nim_server, "a"), route_for(nim_server, "b")]
     pipeline = make_pipeline(routes=routes, plugins=[PickB()])
     assert pipeline.run(Turn.create("x")).route.name == "b"
-    assert pipeline.run(Turn.create("x", route="a")).route.name == "b", "a plugin outranks the trylast default"
+    assert pipeline.run(Turn.create("x", route="a")).route.name == "b", (
+        "a plugin outranks the trylast default"
+    )
 
 
 def test_default_route_honours_turn_route_and_model(nim_server: Any, make_pipeline: Any) -> None:
     nim_server.configure(models=["meta/llama-3.1-8b-instruct", "other/model"])
-    routes = [route_for(nim_server, "a"), Route(name="b", base_url=nim_server.base_url, model="other/model")]
+    routes = [
+        route_for(nim_server, "a"),
+        Route(name="b", base_url=nim_server.base_url, model="other/model"),
+    ]
     pipeline = make_pipeline(routes=routes)
     assert pipeline.run(Turn.create("x", route="b")).route.name == "b"
     assert pipeline.run(Turn.create("x", model="other/model")).route.name == "b"
@@ -224,7 +248,9 @@ def test_filter_routes_narrows_candidates(nim_server: Any, make_pipeline: Any) -
         def filter_routes(self, routes: tuple[Route, ...]) -> tuple[Route, ...]:
             return tuple(r for r in routes if r.name == "b")
 
-    pipeline = make_pipeline(routes=[route_for(nim_server, "a"), route_for(nim_server, "b")], plugins=[OnlyB()])
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server, "a"), route_for(nim_server, "b")], plugins=[OnlyB()]
+    )
     assert pipeline.run(Turn.create("x")).route.name == "b"
 
 
@@ -238,20 +264,29 @@ class EscalateShort:
         return None
 
 
-def test_escalation_moves_to_next_tier_and_records_both(nim_server: Any, make_pipeline: Any) -> None:
+def test_escalation_moves_to_next_tier_and_records_both(
+    nim_server: Any, make_pipeline: Any
+) -> None:
     ledger = Ledger()
     routes = [route_for(nim_server, "cheap", tier=0), route_for(nim_server, "big", tier=1)]
     pipeline = make_pipeline(routes=routes, plugins=[EscalateShort(), ledger])
     result = pipeline.run(Turn.create("hard question"))
     assert result.route.name == "big"
-    assert [(r.route, r.outcome, r.attempt) for r in ledger.records] == [("cheap", "escalated", 1), ("big", "ok", 2)]
+    assert [(r.route, r.outcome, r.attempt) for r in ledger.records] == [
+        ("cheap", "escalated", 1),
+        ("big", "ok", 2),
+    ]
     assert "cheap answer" in ledger.records[0].reason
     escalations = [d for d in result.decisions if isinstance(d, Escalate)]
-    assert escalations and escalations[0].plugin == "escalateshort" or escalations[0].plugin
+    assert (escalations and escalations[0].plugin == "escalateshort") or escalations[0].plugin
 
 
-def test_escalation_with_no_higher_tier_keeps_last_answer(nim_server: Any, make_pipeline: Any) -> None:
-    pipeline = make_pipeline(routes=[route_for(nim_server, "only", tier=0)], plugins=[EscalateShort()])
+def test_escalation_with_no_higher_tier_keeps_last_answer(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server, "only", tier=0)], plugins=[EscalateShort()]
+    )
     result = pipeline.run(Turn.create("q"))
     assert result.ok and result.route.name == "only"
 
@@ -263,7 +298,9 @@ def test_retry_loop_is_bounded(nim_server: Any, make_pipeline: Any) -> None:
             return Retry(reason="again")
 
     ledger = Ledger()
-    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[AlwaysRetry(), ledger], max_attempts=3)
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[AlwaysRetry(), ledger], max_attempts=3
+    )
     result = pipeline.run(Turn.create("q"))
     assert result.ok
     assert chat_count(nim_server) == 3
@@ -296,10 +333,15 @@ def test_failover_on_error(nim_server: Any, make_pipeline: Any) -> None:
 
     ledger = Ledger()
     dead = Route(name="dead", base_url=closed_port_url(), model="m", tier=0, max_retries=0)
-    pipeline = make_pipeline(routes=[dead, route_for(nim_server, "live", tier=1)], plugins=[Failover(), ledger])
+    pipeline = make_pipeline(
+        routes=[dead, route_for(nim_server, "live", tier=1)], plugins=[Failover(), ledger]
+    )
     result = pipeline.run(Turn.create("q"))
     assert result.route.name == "live"
-    assert [(r.route, r.outcome, r.error) for r in ledger.records] == [("dead", "error", "unavailable"), ("live", "ok", None)]
+    assert [(r.route, r.outcome, r.error) for r in ledger.records] == [
+        ("dead", "error", "unavailable"),
+        ("live", "ok", None),
+    ]
 
 
 # ----------------------------------------------------------------------
@@ -350,7 +392,9 @@ def test_buffer_policy_releases_checked_text_once(nim_server: Any, make_pipeline
 def test_sentence_policy_releases_checked_sentences(nim_server: Any, make_pipeline: Any) -> None:
     nim_server.configure(replies={"story": "First part is fine. Second part is bad. Third part."})
     checker = BlockWord("bad")
-    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[checker], stream_policy="sentence")
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[checker], stream_policy="sentence"
+    )
     stream = pipeline.stream(Turn.create("tell a story"))
     chunks = list(stream)
     assert chunks[0].startswith("First part is fine.")
@@ -399,7 +443,9 @@ class SlowInputCheck:
 def test_deferred_check_runs_alongside_the_call(nim_server: Any, make_pipeline: Any) -> None:
     nim_server.configure(latency=0.3)
     ledger = Ledger()
-    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[SlowInputCheck(0.3, block=False), ledger])
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[SlowInputCheck(0.3, block=False), ledger]
+    )
     started = time.perf_counter()
     result = asyncio.run(pipeline.arun(Turn.create("fine")))
     elapsed = time.perf_counter() - started
@@ -407,10 +453,14 @@ def test_deferred_check_runs_alongside_the_call(nim_server: Any, make_pipeline: 
     assert elapsed < 0.55, f"check and call should overlap (took {elapsed:.2f} s for 0.3 s + 0.3 s)"
 
 
-def test_deferred_block_cancels_the_call_and_records_it(nim_server: Any, make_pipeline: Any) -> None:
+def test_deferred_block_cancels_the_call_and_records_it(
+    nim_server: Any, make_pipeline: Any
+) -> None:
     nim_server.configure(latency=1.0)
     ledger = Ledger()
-    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[SlowInputCheck(0.05, block=True), ledger])
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[SlowInputCheck(0.05, block=True), ledger]
+    )
 
     async def main() -> tuple[Any, list[str]]:
         stream = pipeline.astream(Turn.create("bad input"))
@@ -420,7 +470,11 @@ def test_deferred_block_cancels_the_call_and_records_it(nim_server: Any, make_pi
     assert result.blocked is not None and result.blocked.rule == "self check input"
     assert "NIM reply" not in result.text
     (record,) = ledger.records
-    assert record.outcome == "cancelled" and record.prompt_tokens > 0 and record.usage_source == "estimated"
+    assert (
+        record.outcome == "cancelled"
+        and record.prompt_tokens > 0
+        and record.usage_source == "estimated"
+    )
     _, chunks = asyncio.run(main())
     assert "NIM reply" not in "".join(chunks)
 
@@ -467,7 +521,7 @@ def test_run_inside_event_loop_is_refused(nim_server: Any, make_pipeline: Any) -
     async def main() -> None:
         pipeline.run(Turn.create("x"))
 
-    with pytest.raises(NimpipeError, match="use 'await pipeline.arun"):
+    with pytest.raises(NimpipeError, match=r"use 'await pipeline\.arun"):
         asyncio.run(main())
 
 

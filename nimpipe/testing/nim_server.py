@@ -1035,7 +1035,6 @@ class NimServer:
         self._created = int(time.time())
         self._running_total = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -1104,7 +1103,10 @@ class NimServer:
         finally:
             self._loop = None
             self._stop_event = None
-            loop.close()
+            try:
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
 
     async def _serve(
         self,
@@ -1135,10 +1137,19 @@ class NimServer:
             await stop_event.wait()
         finally:
             server.close()
-            tasks = list(self._tasks)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # The loop belongs to this server, so every other task on it is a connection
+            # (or an accept in progress).  A few idle rounds first let just-accepted
+            # connections enter their handlers, whose ``finally`` closes the socket.
+            current = asyncio.current_task()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            while True:
+                others = [t for t in asyncio.all_tasks() if t is not current]
+                if not others:
+                    break
+                for task in others:
+                    task.cancel()
+                await asyncio.gather(*others, return_exceptions=True)
             await server.wait_closed()
             # Closed transports release their sockets in callbacks scheduled on this loop.
             for _ in range(3):
@@ -1357,9 +1368,6 @@ class NimServer:
     ) -> None:
         import asyncio
 
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
         try:
             while True:
                 try:
@@ -1390,8 +1398,6 @@ class NimServer:
             # reporting the cancellation as an error of the connection callback.
             pass
         finally:
-            if task is not None:
-                self._tasks.discard(task)
             writer.close()
 
     async def _dispatch(

@@ -85,7 +85,9 @@ def nimpipe_vcr_config(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 @pytest.fixture
-def nimpipe_cassette(request: pytest.FixtureRequest, nimpipe_vcr_config: dict[str, Any]) -> Iterator[Any]:
+def nimpipe_cassette(
+    request: pytest.FixtureRequest, nimpipe_vcr_config: dict[str, Any]
+) -> Iterator[Any]:
     """Activate the cassette named by ``@pytest.mark.nimpipe_cassette(name)`` (or the test name)."""
     try:
         import vcr
@@ -112,10 +114,14 @@ def make_pipeline() -> Iterator[Callable[..., Any]]:
 
     made: list[Pipeline] = []
 
-    def make(routes: Any = (), plugins: Any = (), default_route: str | None = None, **settings: Any) -> Pipeline:
+    def make(
+        routes: Any = (), plugins: Any = (), default_route: str | None = None, **settings: Any
+    ) -> Pipeline:
         config = Config.from_dict(settings, env={})
         routes = tuple(routes)
-        config = config.with_routes(*routes, default=default_route or (routes[0].name if routes else None))
+        config = config.with_routes(
+            *routes, default=default_route or (routes[0].name if routes else None)
+        )
         pipeline = Pipeline.create(config, plugins=plugins, entrypoints=False)
         made.append(pipeline)
         return pipeline

@@ -1,0 +1,355 @@
+"""Per-call overhead of ``Pipeline.run`` over a raw openai SDK call.
+
+What it measures
+    Part 1, over the network: the same non-streamed chat completion sent to
+    the NIM-shaped test server (a child process, no added delay) by three
+    callers, interleaved call by call with the order rotating every round:
+
+    * ``raw openai``: ``openai.OpenAI(...).chat.completions.create(...)``;
+    * ``pipeline, no-op hooks``: ``pipeline.run(Turn.create(...))`` with a
+      plugin implementing ``pre_input``, ``filter_routes``,
+      ``select_provider`` (returning None), ``on_response``, ``post_output``
+      and ``record_cost``, each doing nothing;
+    * ``pipeline, default``: the same with only the built-in ``default_route``.
+
+    Part 2, without the network: ``pipeline.run`` on a provider that answers
+    from memory, against calling that provider directly.  The difference is
+    nimpipe's own CPU cost per turn (dispatch, records, result), free of the
+    SDK, the sockets and the server: the steadiest figure on a busy machine.
+
+How to read it
+    ``added median`` is the mode's median minus the baseline's median, in
+    microseconds; ``added p95`` the same for the 95th percentile; ``paired``
+    the median of call-by-call differences (steadier when the load drifts);
+    ``ratio`` the mode's median over the baseline's.  On a shared machine a
+    ratio between two identical clients wanders by several percent, so an
+    added median of a few tens of microseconds on a ~2-3 ms call is within
+    noise there; part 2 gives that cost directly.  The target is at most
+    50 us added at the median; LiteLLM adds about 3,000-4,000 us.
+
+    ``--profile N`` also runs both pipeline paths under cProfile and prints
+    the N functions with the most own time, per turn (cProfile inflates every
+    figure; compare them with each other, not with the timings above).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from _common import (
+    PROMPT,
+    WITH_HOOKS,
+    Stats,
+    Target,
+    add_json_argument,
+    add_target_arguments,
+    build_pipelines,
+    interleave,
+    open_target,
+    paired_median_us,
+    print_table,
+    raw_client_kwargs,
+    raw_request,
+    route_for,
+    write_json,
+)
+
+import nimpipe
+from nimpipe import Pipeline, Response, Route, Turn, Usage
+from nimpipe.provider import OpenAIProvider
+
+TARGET_ADDED_US = 50.0
+
+
+@attrs.define
+class CannedProvider(OpenAIProvider):
+    """A provider that answers every call with one fixed response, from memory."""
+
+    response: Response = attrs.field(kw_only=True)
+
+    def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
+        return self.response
+
+
+def canned_response(route: Route) -> Response:
+    return Response(
+        text=f"NIM reply to: {PROMPT}",
+        usage=Usage(prompt_tokens=8, completion_tokens=8, source="server"),
+        model=route.model,
+        route=route.name,
+        id="chatcmpl-canned",
+    )
+
+
+# --------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------
+
+
+def compare(
+    samples: dict[str, list[int]], baseline: str
+) -> tuple[dict[str, Stats], dict[str, dict[str, float]]]:
+    stats = {name: Stats.of_ns(s) for name, s in samples.items()}
+    base = stats[baseline]
+    added: dict[str, dict[str, float]] = {}
+    for name, st in stats.items():
+        if name == baseline:
+            continue
+        added[name] = {
+            "added_median_us": st.median_us - base.median_us,
+            "added_p95_us": st.p95_us - base.p95_us,
+            "paired_median_us": paired_median_us(samples[name], samples[baseline]),
+            "ratio_median": st.median_us / base.median_us,
+            "ratio_p95": st.p95_us / base.p95_us,
+        }
+    return stats, added
+
+
+def report(
+    title: str, stats: dict[str, Stats], added: dict[str, dict[str, float]], baseline: str
+) -> None:
+    rows = [
+        [name, st.n, st.median_us, st.p95_us, st.mean_us, st.min_us] for name, st in stats.items()
+    ]
+    print_table(title, ["mode", "calls", "median us", "p95 us", "mean us", "min us"], rows)
+    rows = [
+        [
+            name,
+            d["added_median_us"],
+            d["added_p95_us"],
+            d["paired_median_us"],
+            f"{d['ratio_median']:.3f}x",
+            f"{d['ratio_p95']:.3f}x",
+        ]
+        for name, d in added.items()
+    ]
+    print_table(
+        f"  against {baseline!r}",
+        ["mode", "added median us", "added p95 us", "paired us", "ratio", "ratio p95"],
+        rows,
+    )
+
+
+# --------------------------------------------------------------------------
+# Profiling
+# --------------------------------------------------------------------------
+
+_PACKAGE_DIR = str(Path(nimpipe.__file__).resolve().parent)
+
+
+def _where(key: tuple[str, int, str]) -> str:
+    filename, line, function = key
+    if filename == "~":
+        return function
+    if filename.startswith(_PACKAGE_DIR):
+        short = "nimpipe" + filename[len(_PACKAGE_DIR) :]
+    elif "site-packages" in filename:
+        short = filename.rsplit("site-packages/", 1)[1]
+    else:
+        short = "/".join(Path(filename).parts[-2:])
+    return f"{short}:{line}({function})"
+
+
+def profile(call: Callable[[], object], turns: int, top: int) -> dict[str, Any]:
+    """Run ``call`` ``turns`` times under cProfile; the ``top`` functions by own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(turns):
+        call()
+    profiler.disable()
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+    own = sum(v[2] for k, v in raw.items() if k[0].startswith(_PACKAGE_DIR))
+    ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    entries = [
+        {
+            "function": _where(key),
+            "calls_per_turn": nc / turns,
+            "own_us_per_turn": tt / turns * 1e6,
+            "cumulative_us_per_turn": ct / turns * 1e6,
+        }
+        for key, (_cc, nc, tt, ct, _callers) in ranked
+    ]
+    return {
+        "turns": turns,
+        "total_us_per_turn": total / turns * 1e6,
+        "nimpipe_own_us_per_turn": own / turns * 1e6,
+        "top": entries,
+    }
+
+
+def report_profile(title: str, prof: dict[str, Any]) -> None:
+    rows = [
+        [
+            e["function"],
+            f"{e['calls_per_turn']:.2f}",
+            e["own_us_per_turn"],
+            e["cumulative_us_per_turn"],
+        ]
+        for e in prof["top"]
+    ]
+    print_table(
+        f"{title}: {prof['total_us_per_turn']:.0f} us/turn profiled, "
+        f"{prof['nimpipe_own_us_per_turn']:.0f} us of it in nimpipe's own functions",
+        ["function (by own time)", "calls/turn", "own us/turn", "cum us/turn"],
+        rows,
+    )
+
+
+# --------------------------------------------------------------------------
+# The two parts
+# --------------------------------------------------------------------------
+
+
+def run_turn(pipeline: Pipeline) -> Callable[[], object]:
+    return lambda: pipeline.run(Turn.create(PROMPT))
+
+
+def measure(
+    title: str,
+    baseline: tuple[str, Callable[[], object]],
+    pipelines: dict[str, Pipeline],
+    *,
+    calls: int,
+    warmup: int,
+    profile_turns: int,
+    top: int,
+) -> dict[str, Any]:
+    """Interleave the baseline with every pipeline; optionally profile the one with hooks."""
+    base_name, base_call = baseline
+    modes = {base_name: base_call, **{name: run_turn(p) for name, p in pipelines.items()}}
+    samples = interleave(modes, calls, warmup)
+    stats, added = compare(samples, base_name)
+    report(f"{title} ({calls} calls per mode, interleaved)", stats, added, base_name)
+    prof = None
+    if top:
+        prof = profile(run_turn(pipelines[WITH_HOOKS]), profile_turns, top)
+        report_profile(f"Profile of {WITH_HOOKS!r}, {title.split(':')[0]}", prof)
+    return {
+        "baseline": base_name,
+        "stats": {name: vars(st) for name, st in stats.items()},
+        "added": added,
+        "profile": prof,
+    }
+
+
+def network_part(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: raw SDK call against the pipelines, over the network."""
+    import openai
+
+    client = openai.OpenAI(**raw_client_kwargs(target))
+    body = raw_request(target)
+    pipelines = build_pipelines(route_for(target))
+    try:
+        expected = client.chat.completions.create(**body).choices[0].message.content
+        for name, pipeline in pipelines.items():
+            result = pipeline.run(Turn.create(PROMPT))
+            if not result.ok or result.text != expected or len(result.records) != 1:
+                raise SystemExit(f"{name} answered {result.text!r}, raw openai {expected!r}")
+        results = measure(
+            f"Part 1: one non-streamed call to {target.base_url}",
+            ("raw openai", lambda: client.chat.completions.create(**body)),
+            pipelines,
+            calls=args.calls,
+            warmup=args.warmup,
+            profile_turns=500,
+            top=args.profile,
+        )
+        return {"target": target.describe(), **results}
+    finally:
+        for pipeline in pipelines.values():
+            pipeline.close()
+        client.close()
+
+
+def in_memory_part(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2: the pipelines on an in-memory provider, against calling it directly."""
+    route = Route(name="bench", base_url="http://127.0.0.1:9/v1", model="bench-model")
+    canned = canned_response(route)
+    pipelines = build_pipelines(route, lambda: CannedProvider(response=canned))
+    direct = CannedProvider(response=canned)
+    timeout = route.timeout
+    try:
+        return measure(
+            "Part 2: nimpipe's own cost, in-memory provider",
+            (
+                "provider called directly",
+                lambda: direct.complete(route, Turn.create(PROMPT), timeout),
+            ),
+            pipelines,
+            calls=args.stub_calls,
+            warmup=args.warmup * 10,
+            profile_turns=5000,
+            top=args.profile,
+        )
+    finally:
+        for pipeline in pipelines.values():
+            pipeline.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Per-call overhead of nimpipe's pipeline over a raw openai SDK call.",
+        epilog="Read the module docstring (python -m pydoc benchmarks/overhead.py) for the "
+        "meaning of each figure.",
+    )
+    parser.add_argument(
+        "--calls", type=int, default=2000, help="timed network calls per mode (default 2000)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=100, help="untimed rounds first (default 100)"
+    )
+    parser.add_argument(
+        "--stub-calls",
+        type=int,
+        default=20000,
+        help="timed in-memory turns per mode (default 20000)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile both pipeline paths and print the top N functions",
+    )
+    add_target_arguments(parser, latency=0.0)
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.stub_calls < 1 or args.warmup < 0:
+        parser.error("--calls and --stub-calls must be positive, --warmup not negative")
+
+    print(f"nimpipe {nimpipe.__version__}, python {sys.version.split()[0]}, {os.cpu_count()} cpus")
+    with open_target(args) as target:
+        if target.server_pid is not None:
+            print(f"test server pid {target.server_pid} at {target.base_url}")
+        network = network_part(target, args)
+    in_memory = in_memory_part(args)
+
+    added = network["added"][WITH_HOOKS]
+    own = in_memory["added"][WITH_HOOKS]
+    verdict = "within" if own["added_median_us"] <= TARGET_ADDED_US else "OVER"
+    print(
+        f"\nSummary: pipeline with 6 no-op hooks adds {added['added_median_us']:.0f} us at the "
+        f"median over the network ({added['ratio_median']:.3f}x raw openai, paired "
+        f"{added['paired_median_us']:.0f} us); nimpipe's own cost is "
+        f"{own['added_median_us']:.1f} us/turn at the median, {verdict} the "
+        f"{TARGET_ADDED_US:.0f} us target."
+    )
+    write_json(
+        args.json,
+        "overhead",
+        {"network": network, "in_memory": in_memory, "target_added_us": TARGET_ADDED_US},
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Plugin discovery, selection, listing, tracing and plugin-declared hooks."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nimpipe import Route, Turn, hookimpl, hookspec
+from nimpipe.config import Config
+from nimpipe.errors import PluginLoadError
+from nimpipe.pipeline import Pipeline
+
+
+def install_dist(
+    root: Path, name: str, version: str, module_source: str, eps: dict[str, str]
+) -> None:
+    """Write a real installed distribution (module + dist-info with entry points) under ``root``."""
+    (root / f"{name}.py").write_text(textwrap.dedent(module_source))
+    info = root / f"{name}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = "\n".join(f"{ep} = {target}" for ep, target in eps.items())
+    (info / "entry_points.txt").write_text(f"[nimpipe]\n{lines}\n")
+
+
+PLUGIN_SOURCE = """
+from nimpipe import hookimpl
+
+CALLS = []
+
+@hookimpl
+def pre_input(turn):
+    CALLS.append(turn.id)
+"""
+
+BROKEN_SOURCE = "raise RuntimeError('cannot import me')\n"
+
+
+@pytest.fixture
+def dists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    install_dist(tmp_path, "np_alpha", "1.2.3", PLUGIN_SOURCE, {"alpha": "np_alpha"})
+    install_dist(tmp_path, "np_beta", "0.4.0", PLUGIN_SOURCE, {"beta": "np_beta"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def config(**settings: Any) -> Config:
+    return Config.from_dict(settings, env={})
+
+
+def test_entry_points_load_with_versions_and_hooks(dists: Path) -> None:
+    with Pipeline.create(config(), entrypoints=True) as pipeline:
+        infos = {i.name: i for i in pipeline.plugins.info()}
+    assert infos["alpha"].version == "1.2.3" and infos["alpha"].kind == "entrypoint"
+    assert infos["alpha"].hooks == ("pre_input",)
+    assert infos["beta"].version == "0.4.0"
+    assert infos["default_route"].kind == "builtin"
+    assert infos["default_route"].hooks == ("select_provider",)
+
+
+def test_load_plugins_selects_and_disable_blocks(dists: Path) -> None:
+    with Pipeline.create(config(plugins={"load": ["alpha"]})) as pipeline:
+        names = {i.name for i in pipeline.plugins.info()}
+    assert "alpha" in names and "beta" not in names
+    with Pipeline.create(config(plugins={"disable": ["alpha"]})) as pipeline:
+        names = {i.name for i in pipeline.plugins.info()}
+    assert "alpha" not in names and "beta" in names
+    with Pipeline.create(config(plugins={"load": []})) as pipeline:
+        names = {i.name for i in pipeline.plugins.info()}
+    assert names == {"default_route"}
+
+
+def test_unknown_plugin_name_is_an_error(dists: Path) -> None:
+    with pytest.raises(PluginLoadError, match="not installed: ghost"):
+        Pipeline.create(config(plugins={"load": ["ghost"]}))
+
+
+def test_broken_entry_point_names_the_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    install_dist(tmp_path, "np_broken", "0.1", BROKEN_SOURCE, {"broken": "np_broken"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginLoadError) as info:
+        Pipeline.create(config(plugins={"load": ["broken"]}))
+    assert info.value.plugin == "broken"
+    assert "cannot import me" in str(info.value)
+
+
+def test_disabling_a_builtin(nim_server: Any) -> None:
+    route = Route(name="r", base_url=nim_server.base_url, model="meta/llama-3.1-8b-instruct")
+    cfg = config(plugins={"disable": ["default_route"]}).with_routes(route, default="r")
+    with Pipeline.create(cfg, entrypoints=False) as pipeline:
+        assert "default_route" not in {i.name for i in pipeline.plugins.info()}
+        from nimpipe.errors import NoRouteError
+
+        with pytest.raises(NoRouteError):
+            pipeline.run(Turn.create("x"))
+
+
+def test_unknown_contrib_stage_is_a_config_error() -> None:
+    from nimpipe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown stage"):
+        Pipeline.create(config(stages={"nonexistent": {}}), entrypoints=False)
+
+
+def test_implementing_an_undeclared_hook_is_refused() -> None:
+    class Typo:
+        @hookimpl
+        def pre_inptu(self) -> None:
+            return None
+
+    with pytest.raises(PluginLoadError, match="pre_inptu"):
+        Pipeline.create(config(), plugins=[Typo()], entrypoints=False)
+
+
+# ----------------------------------------------------------------------
+# plugin-declared hooks (the addhooks pattern)
+# ----------------------------------------------------------------------
+
+
+class AuditSpecs:
+    @hookspec
+    def audit_event(self, kind: str, detail: str) -> str | None:
+        """Called by the auditor plugin for every turn; returns a label."""
+
+    @hookspec(firstresult=True)
+    def audit_level(self) -> int | None:
+        """First result wins."""
+
+
+class Auditor:
+    """Declares ``audit_event`` and calls it from ``pre_input``."""
+
+    def __init__(self) -> None:
+        self.labels: list[Any] = []
+
+    @hookimpl
+    def addhooks(self, pluginmanager: Any) -> None:
+        pluginmanager.add_hookspecs(AuditSpecs)
+
+    @hookimpl
+    def pre_input(self, turn: Turn, pipeline: Pipeline) -> None:
+        self.labels.append(pipeline.hooks.call("audit_event", kind="turn", detail=turn.id))
+        self.labels.append(pipeline.hooks.call("audit_level"))
+
+
+class Tagger:
+    @hookimpl
+    def audit_event(self, kind: str) -> str:
+        return f"tagged {kind}"
+
+    @hookimpl
+    def audit_level(self) -> int:
+        return 3
+
+
+class AsyncTagger:
+    @hookimpl
+    async def audit_event(self, detail: str) -> str:
+        return f"async {detail[:2]}"
+
+
+def test_plugins_declare_hooks_that_others_implement(nim_server: Any, make_pipeline: Any) -> None:
+    auditor = Auditor()
+    # Implementations registered before the declaring plugin are accepted too.
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model="meta/llama-3.1-8b-instruct")],
+        plugins=[Tagger(), AsyncTagger(), auditor],
+    )
+    pipeline.run(Turn.create("hello", id="t-audit"))
+    assert auditor.labels == [["async t-", "tagged turn"], 3]
+
+
+def test_trace_logs_every_hook_call(nim_server: Any, caplog: pytest.LogCaptureFixture) -> None:
+    route = Route(name="r", base_url=nim_server.base_url, model="meta/llama-3.1-8b-instruct")
+    cfg = Config.from_dict({}, env={"NIMPIPE_TRACE": "1"}).with_routes(route, default="r")
+    caplog.set_level("INFO", logger="nimpipe.trace")
+    with Pipeline.create(cfg, entrypoints=False) as pipeline:
+        pipeline.run(Turn.create("x"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "nimpipe.trace"]
+    assert any(m.startswith("hook select_provider -> default_route: Route (") for m in messages)
+
+
+def test_trace_without_logging_goes_to_stderr(nim_server: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "trace.py"
+    script.write_text(
+        "from nimpipe import Pipeline, Route, Turn\n"
+        "from nimpipe.config import Config\n"
+        f"route = Route(name='r', base_url={nim_server.base_url!r}, model='meta/llama-3.1-8b-instruct')\n"
+        "cfg = Config.from_dict({}, env={'NIMPIPE_TRACE': '1'}).with_routes(route, default='r')\n"
+        "Pipeline.create(cfg, entrypoints=False).run(Turn.create('x'))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "[nimpipe] hook select_provider -> default_route: Route" in done.stderr
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @hookimpl
+    def configure(self, pipeline: Pipeline) -> None:
+        self.events.append(f"configure {pipeline.config.stage('lifecycle').get('level')}")
+
+    @hookimpl
+    async def unconfigure(self) -> None:
+        self.events.append("unconfigure")
+
+
+def test_configure_and_unconfigure_run_once() -> None:
+    stage = Lifecycle()
+    cfg = Config.from_dict({"stages": {"lifecycle": {"level": 2, "enabled": False}}}, env={})
+    pipeline = Pipeline.create(cfg, plugins=[stage], entrypoints=False)
+    assert stage.events == ["configure 2"]
+    pipeline.close()
+    pipeline.close()
+    assert stage.events == ["configure 2", "unconfigure"]
+    from nimpipe.errors import NimpipeError
+
+    with pytest.raises(NimpipeError, match="closed"):
+        pipeline.run(Turn.create("x"))
