@@ -379,7 +379,7 @@ def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every result."""
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("nimpipe", "openai", "httpx", "pluggy", "attrs"):
         try:
             versions[package] = version(package)

@@ -26,6 +26,8 @@ def install_dist(
     (info / "entry_points.txt").write_text(f"[nimpipe]\n{lines}\n")
 
 
+MODEL = "meta/llama-3.1-8b-instruct"
+
 PLUGIN_SOURCE = """
 from nimpipe import hookimpl
 
@@ -193,7 +195,7 @@ def test_trace_without_logging_goes_to_stderr(nim_server: Any, tmp_path: Path) -
     script.write_text(
         "from nimpipe import Pipeline, Route, Turn\n"
         "from nimpipe.config import Config\n"
-        f"route = Route(name='r', base_url={nim_server.base_url!r}, model='meta/llama-3.1-8b-instruct')\n"
+        f"route = Route(name='r', base_url={nim_server.base_url!r}, model={MODEL!r})\n"
         "cfg = Config.from_dict({}, env={'NIMPIPE_TRACE': '1'}).with_routes(route, default='r')\n"
         "Pipeline.create(cfg, entrypoints=False).run(Turn.create('x'))\n"
     )
