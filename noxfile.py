@@ -41,6 +41,7 @@ def tests(session: nox.Session, openai: str) -> None:
 def live(session: nox.Session) -> None:
     """Re-record the cassettes from the real local llama.cpp server."""
     tests_impl(session, "3", "-m", "live", "--nimpipe-record=all")
+    session.run("nimpipe", "demo", "--record")
 
 
 @nox.session(python=PYTHON)

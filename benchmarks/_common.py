@@ -397,15 +397,26 @@ def environment() -> dict[str, Any]:
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="also write the results as JSON to PATH; a PATH ending in '/' or naming a "
+        "directory gets BENCHMARK.json inside it",
+    )
 
 
 def write_json(path: str | None, benchmark: str, results: Mapping[str, Any]) -> None:
-    """Write ``results`` with the environment to ``path`` (nothing when ``path`` is None)."""
+    """Write ``results`` with the environment to ``path`` (nothing when ``path`` is None).
+
+    A directory (or a path ending in ``/``) receives ``<benchmark>.json``, so
+    that one ``--json DIR/`` serves every script.
+    """
     if not path:
         return
     payload = {"benchmark": benchmark, "environment": environment(), "results": results}
     out = Path(path)
+    if path.endswith(("/", os.sep)) or out.is_dir():
+        out = out / f"{benchmark}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {out}")

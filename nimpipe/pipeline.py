@@ -404,6 +404,10 @@ class Pipeline:
                 return
             deferred = ()  # input checks ran with the first call only
 
+            if response is not None and response.usage.source == "none":
+                # The endpoint reported no usage (llama.cpp streams, some proxies):
+                # count it here so every stage and the ledger see real figures.
+                response = attrs.evolve(response, usage=_estimate(turn, response.text, route))
             decision: Any = None
             if judged:
                 decision = await self._judge(turn, route, response, error, attempt, mode, log)
@@ -895,14 +899,11 @@ class Pipeline:
         mode: _Mode,
         log: _TurnLog,
     ) -> None:
-        usage = response.usage
-        if usage.source == "none":
-            usage = _estimate(turn, response.text, route)
         record = _make_record(
             turn,
             route,
             attempt,
-            usage=usage,
+            usage=response.usage,
             started=time.time() - response.latency,
             latency=response.latency,
             ttft=response.ttft,

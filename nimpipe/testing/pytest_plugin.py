@@ -72,7 +72,6 @@ def vcr_settings(cassette_dir: str | Path, record_mode: str = "none") -> dict[st
         "filter_headers": list(SCRUBBED_HEADERS),
         "before_record_response": _scrub_response,
         "decode_compressed_response": True,
-        "allow_playback_repeats": True,
     }
 
 
@@ -98,7 +97,7 @@ def nimpipe_cassette(
     settings = dict(nimpipe_vcr_config)
     directory = settings.pop("cassette_library_dir")
     recorder = vcr.VCR(**settings)
-    with recorder.use_cassette(f"{directory}/{name}.yaml") as cassette:
+    with recorder.use_cassette(f"{directory}/{name}.yaml", allow_playback_repeats=True) as cassette:
         yield cassette
 
 

@@ -1,0 +1,113 @@
+"""Cassette replay: offline, matched on the body, secrets scrubbed; the demo replays."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CASSETTE_BASE_URL, CASSETTE_PORT
+
+from nimpipe import Route, Turn
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = {"temperature": 0.0, "max_tokens": 24, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def cassette_route(request: pytest.FixtureRequest) -> Iterator[Route]:
+    """The route cassettes were recorded against; recording serves llama.cpp at its port."""
+    route = Route(name="llama", base_url=CASSETTE_BASE_URL, model="smollm2", self_hosted=True)
+    if request.config.getoption("--nimpipe-record") == "none":
+        yield route
+        return
+    from nimpipe.embedded import EmbeddedModel
+
+    with EmbeddedModel().start(port=CASSETTE_PORT):
+        yield route
+
+
+@pytest.mark.live
+@pytest.mark.nimpipe_cassette("llama-chat")
+def test_replayed_chat(nimpipe_cassette: Any, cassette_route: Route, make_pipeline: Any) -> None:
+    pipeline = make_pipeline(routes=[cassette_route])
+    result = pipeline.run(Turn.create("What colour is the sky?", params=PARAMS))
+    assert result.ok and result.text.strip()
+    assert result.response.usage.source == "server"
+    stream = pipeline.stream(Turn.create("Name a fruit.", params=PARAMS))
+    assert "".join(stream).strip() == stream.result.text.strip() != ""
+
+
+@pytest.mark.nimpipe_cassette("llama-chat")
+def test_unrecorded_prompt_fails_instead_of_reaching_the_network(
+    nimpipe_cassette: Any, cassette_route: Route, make_pipeline: Any
+) -> None:
+    from vcr.errors import CannotOverwriteExistingCassetteException
+
+    pipeline = make_pipeline(routes=[cassette_route])
+    # A different prompt never gets a recorded answer, and never reaches the
+    # network (nothing listens on the cassette's port: that would be an UnavailableError).
+    with pytest.raises(CannotOverwriteExistingCassetteException, match="differ in body"):
+        pipeline.run(Turn.create("A prompt that was never recorded", params=PARAMS))
+
+
+def test_cassettes_hold_no_secrets() -> None:
+    files = list((ROOT / "cassettes").glob("*.yaml"))
+    assert files
+    for file in files:
+        text = file.read_text().lower()
+        for needle in ("authorization", "nvapi-", "bearer ", "api-key"):
+            assert needle not in text, f"{file.name} contains {needle!r}"
+
+
+def test_recording_scrubs_the_key(nim_server: Any, tmp_path: Path, make_pipeline: Any) -> None:
+    import vcr
+
+    from nimpipe.testing.pytest_plugin import vcr_settings
+
+    nim_server.configure(api_key="nvapi-very-secret")
+    settings = vcr_settings(tmp_path, "all")
+    settings.pop("cassette_library_dir")
+    key_env = "NIMPIPE_TEST_RECORD_KEY"
+    os.environ[key_env] = "nvapi-very-secret"
+    try:
+        from nimpipe.config import Config
+
+        config = Config.from_dict(
+            {
+                "routes": {
+                    "r": {
+                        "base_url": nim_server.base_url,
+                        "model": "meta/llama-3.1-8b-instruct",
+                        "api_key_env": key_env,
+                    }
+                }
+            }
+        )
+        pipeline = make_pipeline(routes=config.routes.values())
+        with vcr.VCR(**settings).use_cassette(str(tmp_path / "keyed.yaml")):
+            assert pipeline.run(Turn.create("hi")).ok
+    finally:
+        del os.environ[key_env]
+    written = (tmp_path / "keyed.yaml").read_text()
+    assert "very-secret" not in written
+    assert "code: 200" in written and "/v1/chat/completions" in written
+
+
+def test_demo_replays_offline() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "nimpipe.cli", "demo", "--replay"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "input_policy: block (asks for credentials)" in out
+    assert "email_redactor: rewrite" in out and "[email]" in out
+    assert "cost table" in out and "demo-4" in out
