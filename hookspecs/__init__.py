@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     )
 
 #: Hooks the pipeline calls as a chain (each sees the previous one's result).
-CHAINED = frozenset({"pre_input", "filter_routes", "post_output"})
+CHAINED = frozenset({"pre_input", "filter_routes", "before_call", "post_output"})
 
 # --------------------------------------------------------------------------
 # Lifecycle
@@ -157,6 +157,28 @@ def select_provider(
     :param pipeline: the running pipeline.
     :return: a :class:`Route` (or the name of a configured route), or ``None``
         for no opinion.  Stops at first non-None result.
+    """
+
+
+@hookspec
+def before_call(
+    turn: Turn, route: Route, attempt: Attempt, pipeline: Pipeline
+) -> Route | Block | None:
+    """Last word before a model call: reserve budget, enforce policy, downgrade.
+
+    Called once per model call (each attempt), after :func:`select_provider`
+    chose ``route`` and before the request is sent.  A stage that reserves
+    something here (budget, quota) settles it in :func:`record_cost`, which
+    follows every call made.  If a later implementation blocks, no call is
+    made and no record follows: reserve in a ``trylast`` implementation.
+
+    :param turn: the turn.
+    :param route: the route chosen, as the previous implementation left it.
+    :param attempt: which attempt this is.
+    :param pipeline: the running pipeline.
+    :return: ``None`` to proceed; another :class:`Route` to call instead
+        (e.g. a cheaper one); a :class:`Block` to refuse the call (the turn
+        ends blocked).  *Chained*.
     """
 
 

@@ -32,6 +32,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--config", metavar="PATH", help="config file (default: nimpipe.toml search)"
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="offline mode: only local and self-hosted routes; any other host is refused",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     chat = sub.add_parser("chat", help="run one turn through the pipeline and print the answer")
@@ -50,6 +55,33 @@ def _build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     config.add_argument("--json", action="store_true", help="print as JSON")
+
+    models = sub.add_parser("models", help="list the models of every configured NIM endpoint")
+    models.add_argument("--search", metavar="TEXT", help="only models whose id contains TEXT")
+    models.add_argument(
+        "--capabilities", action="store_true", help="show context length and features"
+    )
+    models.add_argument("--json", action="store_true", help="print as JSON")
+    models.add_argument("--refresh", action="store_true", help="ignore the cached catalog")
+
+    status = sub.add_parser("status", help="health, load and models of every endpoint")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--json", action="store_true", help="print as JSON")
+
+    cost = sub.add_parser("cost", help="spend from the ledger, grouped")
+    cost.add_argument(
+        "--by",
+        choices=("route", "model", "agent", "day"),
+        default="route",
+        help="grouping (default route)",
+    )
+    cost.add_argument(
+        "--since", metavar="WHEN", help="only calls since WHEN (ISO date or e.g. 7d, 24h)"
+    )
+    output = cost.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print as JSON")
+    output.add_argument("--csv", action="store_true", help="print as CSV")
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded local model")
     demo.add_argument("--replay", action="store_true", help="replay the recorded demo offline")
@@ -86,9 +118,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
+    import attrs
+
     from nimpipe.config import Config
 
-    return Config.load(args.config)
+    config = Config.load(args.config)
+    if args.offline and not config.offline:
+        config = attrs.evolve(config, offline=True)
+    if config.offline:
+        print("nimpipe: offline mode is on (only local and self-hosted routes)", file=sys.stderr)
+    return config
 
 
 def _pipeline(args: argparse.Namespace) -> Pipeline:
@@ -176,6 +215,27 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: Commands served by contrib stages: command -> (module, function, what it needs).
+_STAGE_COMMANDS = {
+    "models": ("nimpipe_contrib.catalog", "run_models_command", "the NIM catalog stage"),
+    "status": ("nimpipe_contrib.health", "run_status_command", "the NIM health stage"),
+    "cost": ("nimpipe_contrib.ledger", "run_cost_command", "the cost ledger stage"),
+}
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    import importlib
+
+    module_name, function, what = _STAGE_COMMANDS[args.command]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        print(f"nimpipe {args.command}: not available: {what} is not installed", file=sys.stderr)
+        return EXIT_ERROR
+    result: int = getattr(module, function)(_load_config(args), args)
+    return result
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nimpipe.demo import run_demo
 
@@ -187,6 +247,9 @@ _COMMANDS = {
     "plugins": _cmd_plugins,
     "config": _cmd_config,
     "demo": _cmd_demo,
+    "models": _cmd_stage,
+    "status": _cmd_stage,
+    "cost": _cmd_stage,
 }
 
 

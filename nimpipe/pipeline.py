@@ -221,6 +221,8 @@ class Pipeline:
             raise PluginLoadError(
                 str(exc), plugin=getattr(plugin, "__name__", str(plugin))
             ) from exc
+        if config.offline:
+            _go_offline(config, registry)
         pipeline = cls(config, registry, provider or OpenAIProvider())
         _sync.drive(registry.collect("configure", _sync.resolve_blocking, pipeline=pipeline))
         return pipeline
@@ -292,6 +294,70 @@ class Pipeline:
     def astream(self, turn: Turn, *, cancel: CancelToken | None = None) -> AsyncTurnStream:
         """Stream a turn on the running event loop (``async for``); see :meth:`stream`."""
         return AsyncTurnStream(self._events(turn, self._mode(True), True, cancel), cancel)
+
+    async def amap(
+        self,
+        turns: Iterable[Turn],
+        *,
+        concurrency: int = 16,
+        throttle: Callable[[], float] | None = None,
+        progress: bool | Callable[[int, int], None] = False,
+        cancel: CancelToken | None = None,
+    ) -> list[TurnResult | NimpipeError]:
+        """Run many turns concurrently; results come back in the order of ``turns``.
+
+        :param concurrency: at most this many turns in flight.
+        :param throttle: called before each turn starts; returns seconds to
+            wait first (back-pressure, e.g. from the server's queue depth).
+        :param progress: ``True`` draws a progress line on stderr; a callable
+            gets ``(done, total)`` after each turn.
+        :param cancel: cancels every turn not yet finished.
+        :return: one :class:`TurnResult` or :class:`NimpipeError` per turn: a
+            failed turn does not sink the batch.
+        """
+        items = list(turns)
+        total = len(items)
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        gate = asyncio.Semaphore(concurrency)
+        results: list[TurnResult | NimpipeError | None] = [None] * total
+        report = _progress_reporter(progress, total)
+        done = 0
+
+        async def one(index: int, turn: Turn) -> None:
+            nonlocal done
+            async with gate:
+                if throttle is not None:
+                    delay = throttle()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                try:
+                    results[index] = await self.arun(turn, cancel=cancel)
+                except NimpipeError as exc:
+                    results[index] = exc
+            done += 1
+            if report is not None:
+                report(done, total)
+
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(items)))
+        return [r for r in results if r is not None]
+
+    def map(
+        self,
+        turns: Iterable[Turn],
+        *,
+        concurrency: int = 16,
+        throttle: Callable[[], float] | None = None,
+        progress: bool | Callable[[int, int], None] = False,
+        cancel: CancelToken | None = None,
+    ) -> list[TurnResult | NimpipeError]:
+        """Blocking form of :meth:`amap` (runs its own event loop)."""
+        self._refuse_inside_loop("map")
+        return asyncio.run(
+            self.amap(
+                turns, concurrency=concurrency, throttle=throttle, progress=progress, cancel=cancel
+            )
+        )
 
     # ------------------------------------------------------------------
 
@@ -367,6 +433,13 @@ class Pipeline:
                     chosen = last_good
                     break
                 raise NoRouteError(_no_route_message(turn, attempt, self.config), turn_id=turn.id)
+            if plugins.has_impls("before_call"):
+                route, block = await self._before_call(turn, route, attempt, mode, log)
+                if block is not None:
+                    if streaming:
+                        yield block.message
+                    yield self._blocked(turn, block, log)
+                    return
 
             response: Response | None = None
             error: ProviderError | None = None
@@ -533,6 +606,8 @@ class Pipeline:
         self, turn: Turn, attempt: Attempt, mode: _Mode, log: _TurnLog
     ) -> Route | None:
         candidates = tuple(self.config.routes.values())
+        if self.config.offline:
+            candidates = tuple(r for r in candidates if _is_local(r))
         if isinstance(attempt.cause, Escalate):
             candidates = tuple(r for r in candidates if r.name not in attempt.tried)
         if not candidates:
@@ -568,6 +643,43 @@ class Pipeline:
                 f"plugin {plugin!r}: select_provider returned {type(choice).__name__}"
             )
         return choice
+
+    async def _before_call(
+        self, turn: Turn, route: Route, attempt: Attempt, mode: _Mode, log: _TurnLog
+    ) -> tuple[Route, Block | None]:
+        blocked: list[Block] = []
+
+        def step(plugin: str, result: Any, current: Route) -> tuple[Route, bool]:
+            if isinstance(result, Route):
+                log.decisions.append(
+                    Rewrite(
+                        value=result.name,
+                        reason=f"route {current.name} -> {result.name}",
+                        plugin=plugin,
+                    )
+                )
+                return result, False
+            if isinstance(result, Block):
+                block = _stamp(result, plugin)
+                log.decisions.append(block)
+                blocked.append(block)
+                return current, True
+            raise NimpipeError(
+                f"plugin {plugin!r}: before_call returned {type(result).__name__}; "
+                "expected Route, Block or None"
+            )
+
+        route = await self.plugins.chain(
+            "before_call",
+            mode.resolve,
+            "route",
+            route,
+            step,
+            turn=turn,
+            attempt=attempt,
+            pipeline=self,
+        )
+        return route, (blocked[0] if blocked else None)
 
     async def _judge(
         self,
@@ -1047,6 +1159,54 @@ def _estimate(turn: Turn, completion_text: str, route: Route) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, source="estimated")
 
 
+def _progress_reporter(
+    progress: bool | Callable[[int, int], None], total: int
+) -> Callable[[int, int], None] | None:
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+    import sys
+
+    started = time.monotonic()
+
+    def draw(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        rate = done / max(time.monotonic() - started, 1e-9)
+        end = "\n" if done == total else ""
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} turns, {rate:.1f}/s{end}"
+        )
+        sys.stderr.flush()
+
+    return draw
+
+
+def _is_local(route: Route) -> bool:
+    from nimpipe.hosts import host_of, is_loopback
+
+    return route.self_hosted or is_loopback(host_of(route.base_url))
+
+
+def _go_offline(config: Config, registry: Plugins) -> None:
+    """Enforce offline mode for the process and drop plugins that need the network."""
+    import logging
+
+    from nimpipe import offline
+    from nimpipe.hosts import host_of
+
+    offline.enforce(host_of(r.base_url) for r in config.routes.values() if _is_local(r))
+    for info in registry.info():
+        plugin = registry.pm.get_plugin(info.name)
+        if getattr(plugin, "needs_network", False) or getattr(plugin, "NEEDS_NETWORK", False):
+            registry.unregister(info.name)
+            registry.skipped[info.name] = "needs the network (offline mode)"
+            logging.getLogger("nimpipe").warning(
+                "offline mode: plugin %r skipped: it needs the network", info.name
+            )
+
+
 def _timeout(turn: Turn, route: Route) -> float:
     remaining = turn.remaining()
     if remaining is None:
@@ -1085,6 +1245,11 @@ def _no_route_message(turn: Turn, attempt: Attempt, config: Config) -> str:
         return (
             "no route is configured: add [routes.NAME] to nimpipe.toml, or set "
             "NIMPIPE_BASE_URL and NIMPIPE_MODEL (or jaato's JAATO_NIM_BASE_URL and JAATO_NIM_MODEL)"
+        )
+    if config.offline and not any(_is_local(r) for r in config.routes.values()):
+        return (
+            "offline mode: no route is local or self-hosted (mark one with "
+            "self_hosted = true, or turn offline mode off)"
         )
     if turn.route is not None and attempt.number == 1:
         return (

@@ -52,7 +52,14 @@ BUILTIN_STAGES: Mapping[str, str] = {
 }
 
 #: Contrib stages: short name -> module.  Registered when enabled in the config.
-CONTRIB_STAGES: Mapping[str, str] = {}
+CONTRIB_STAGES: Mapping[str, str] = {
+    "nim_catalog": "nimpipe_contrib.catalog",
+    "nim_health": "nimpipe_contrib.health",
+    "ledger": "nimpipe_contrib.ledger",
+    "budget": "nimpipe_contrib.budget",
+    "router": "nimpipe_contrib.router",
+    "cascade": "nimpipe_contrib.cascade",
+}
 
 #: Hooks nimpipe dispatches itself; wrappers are refused on them.
 PIPELINE_HOOKS = frozenset(
@@ -62,6 +69,7 @@ PIPELINE_HOOKS = frozenset(
         "pre_input",
         "filter_routes",
         "select_provider",
+        "before_call",
         "on_response",
         "post_output",
         "record_cost",
@@ -113,6 +121,8 @@ class Plugins:
     _table: dict[str, tuple[_Impl, ...]] = attrs.field(factory=dict, init=False)
     _lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     _blocked: set[str] = attrs.field(factory=set, init=False)
+    #: Plugins left out, by name, with the reason (e.g. offline mode).
+    skipped: dict[str, str] = attrs.field(factory=dict, init=False)
 
     # ------------------------------------------------------------------
     # registration
@@ -178,7 +188,12 @@ class Plugins:
                 self.pm.set_blocked(name)
 
     def register_module(self, name: str, module_path: str, *, kind: str) -> None:
-        """Import ``module_path`` and register it under ``name``."""
+        """Import ``module_path`` and register it under ``name``.
+
+        A stage module that keeps state per pipeline defines
+        ``create_plugin()``; the object it returns is registered instead of
+        the module, so two pipelines never share a stage's state.
+        """
         if name in self._blocked or self.pm.get_plugin(name) is not None:
             return
         try:
@@ -189,7 +204,9 @@ class Plugins:
             ) from exc
         from nimpipe import __version__
 
-        self.register(module, name, kind=kind, version=__version__)
+        factory = getattr(module, "create_plugin", None)
+        plugin = factory() if callable(factory) else module
+        self.register(plugin, name, kind=kind, version=__version__)
 
     def load_entrypoints(self, only: Iterable[str] | None = None) -> list[str]:
         """Load plugins from the ``nimpipe`` entry-point group; returns the names loaded.

@@ -26,6 +26,7 @@ from nimpipe.errors import (
     AuthenticationError,
     ContextOverflowError,
     MalformedReplyError,
+    OfflineError,
     ProviderError,
     RateLimitError,
     TimeoutError,
@@ -267,6 +268,11 @@ def translate_error(exc: BaseException, route: Route) -> ProviderError:
     """Map an exception from the SDK or the transport to a typed :class:`ProviderError`."""
     if isinstance(exc, ProviderError):
         return exc
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OfflineError):
+            raise cause  # offline refusals are not endpoint failures: never retried
+        cause = cause.__cause__ or cause.__context__
     import openai
 
     name = type(exc).__name__

@@ -46,3 +46,16 @@ def llama_server() -> Iterator[object]:
         pytest.skip(message)
     with model.start() as server:
         yield server
+
+
+@pytest.fixture
+def vcr_config(nimpipe_vcr_config: dict[str, object]) -> dict[str, object]:
+    """pytest-recording uses nimpipe's settings: replay-only, body-matched, scrubbed."""
+    config = dict(nimpipe_vcr_config)
+    config.pop("cassette_library_dir")
+    return config
+
+
+@pytest.fixture
+def vcr_cassette_dir(request: pytest.FixtureRequest) -> str:
+    return str(request.config.rootpath / "cassettes")

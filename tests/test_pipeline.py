@@ -595,3 +595,31 @@ def test_cancel_token_cancels_arun(nim_server: Any, make_pipeline: Any) -> None:
     with pytest.raises(nimpipe.CancelledError):
         asyncio.run(main())
     assert time.perf_counter() - started < 1.5
+
+
+class Budget:
+    """Downgrades to the free route once, then refuses."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @hookimpl
+    def before_call(self, route: Route, pipeline: Any) -> Route | Block | None:
+        self.calls += 1
+        if self.calls == 1 and route.name == "paid":
+            return pipeline.config.route("free")
+        if self.calls > 1:
+            return Block(reason="budget exhausted", rule="daily")
+        return None
+
+
+def test_before_call_downgrades_and_refuses(nim_server: Any, make_pipeline: Any) -> None:
+    ledger = Ledger()
+    routes = [route_for(nim_server, "paid"), route_for(nim_server, "free")]
+    pipeline = make_pipeline(routes=routes, plugins=[Budget(), ledger])
+    first = pipeline.run(Turn.create("q"))
+    assert first.route.name == "free"
+    assert [r.route for r in ledger.records] == ["free"]
+    second = pipeline.run(Turn.create("q"))
+    assert second.blocked is not None and second.blocked.rule == "daily"
+    assert chat_count(nim_server) == 1

@@ -82,7 +82,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return [
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        "  "
+        + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in cells
     ]
 
@@ -314,8 +315,7 @@ def _money(value: float, priced: bool) -> str:
 
 def _tally_report(rows: list[AgentCost]) -> str:
     lines = [
-        "nimpipe cost, this process (stage 'jaato_costs'; a persistent ledger needs a "
-        "cost stage):"
+        "nimpipe cost, this process (stage 'jaato_costs'; a persistent ledger needs a cost stage):"
     ]
     if not rows:
         lines.append("  (no model call yet)")
@@ -356,7 +356,10 @@ def _ledger_report(rows: list[Mapping[str, Any]]) -> str:
     keys = ("agent_type", "calls", "prompt_tokens", "completion_tokens", "cost_usd")
     lines = ["nimpipe cost (cost ledger stage):"]
     lines.extend(
-        _table(("agent", *keys), ([row.get("agent_id", "?"), *(row.get(k, "") for k in keys)] for row in rows))
+        _table(
+            ("agent", *keys),
+            ([row.get("agent_id", "?"), *(row.get(k, "") for k in keys)] for row in rows),
+        )
         if rows
         else ["  (no model call recorded)"]
     )

@@ -270,7 +270,9 @@ class NimpipeProvider:
         shared = self._shared or self._any_shared()
         names: list[str] = []
         if shared is not None:
-            catalog = _reports.ask(shared.pipeline, _reports.CATALOG_HOOK, search=None, capabilities=False)
+            catalog = _reports.ask(
+                shared.pipeline, _reports.CATALOG_HOOK, search=None, capabilities=False
+            )
             names.extend(str(row["id"]) for row in catalog or () if "id" in row)
             names.extend(shared.pipeline.config.routes)
         unique = list(dict.fromkeys(names))
@@ -348,7 +350,12 @@ class NimpipeProvider:
         """
         from jaato_sdk.plugins.model_provider.types import TurnResult as JaatoTurnResult
 
-        from nimpipe.errors import CancelledError, DeadlineExceededError, NimpipeError, ProviderError
+        from nimpipe.errors import (
+            CancelledError,
+            DeadlineExceededError,
+            NimpipeError,
+            ProviderError,
+        )
         from nimpipe.jaato._convert import provider_response
 
         if self._shared is None:

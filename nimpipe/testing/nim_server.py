@@ -1136,13 +1136,19 @@ class NimServer:
                 on_ready(self)
             await stop_event.wait()
         finally:
-            server.close()
-            # The loop belongs to this server, so every other task on it is a connection
-            # (or an accept in progress).  A few idle rounds first let just-accepted
-            # connections enter their handlers, whose ``finally`` closes the socket.
-            current = asyncio.current_task()
+            # Stop accepting first, then let connections accepted in the meantime
+            # reach their handlers (whose ``finally`` closes the socket) while the
+            # server is still open: asyncio cannot attach a connection to a closed
+            # server, and such a connection would leak its socket.
+            for sock in server.sockets:
+                with contextlib.suppress(NotImplementedError):
+                    loop.remove_reader(sock.fileno())
             for _ in range(5):
                 await asyncio.sleep(0)
+            server.close()
+            # The loop belongs to this server, so every other task on it serves a
+            # connection.
+            current = asyncio.current_task()
             while True:
                 others = [t for t in asyncio.all_tasks() if t is not current]
                 if not others:

@@ -1,0 +1,93 @@
+"""Fan-out: many turns with bounded concurrency, per-turn errors, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from nimpipe import CallRecord, CancelToken, Route, Turn, hookimpl
+from nimpipe.errors import NimpipeError, UnavailableError
+
+MODEL = "meta/llama-3.1-8b-instruct"
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+        self.lock = threading.Lock()
+
+    @hookimpl
+    def record_cost(self, record: CallRecord) -> None:
+        with self.lock:
+            self.records.append(record)
+
+
+def test_amap_bounds_concurrency_and_keeps_order(nim_server: Any, make_pipeline: Any) -> None:
+    nim_server.configure(latency=0.05)
+    ledger = Ledger()
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)], plugins=[ledger]
+    )
+    turns = [
+        Turn.create(f"job {i}", agent_id=f"sub-{i % 4}", agent_type="worker") for i in range(40)
+    ]
+    peak = 0
+
+    def watch(done: int, total: int) -> None:
+        nonlocal peak
+        peak = max(peak, nim_server.in_flight)
+
+    results = asyncio.run(pipeline.amap(turns, concurrency=8, progress=watch))
+    assert [r.text for r in results] == [f"NIM reply to: job {i}" for i in range(40)]
+    assert 1 <= peak <= 8
+    per_agent: dict[str, int] = {}
+    for record in ledger.records:
+        per_agent[record.agent_id] = per_agent.get(record.agent_id, 0) + 1
+    assert per_agent == {f"sub-{n}": 10 for n in range(4)}
+
+
+def test_failed_turns_do_not_sink_the_batch(nim_server: Any, make_pipeline: Any) -> None:
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL, max_retries=0)]
+    )
+    nim_server.inject("status", count=3, status=503)
+    results = pipeline.map([Turn.create(f"j{i}") for i in range(10)], concurrency=1)
+    errors = [r for r in results if isinstance(r, NimpipeError)]
+    assert len(errors) == 3 and all(isinstance(e, UnavailableError) for e in errors)
+    assert sum(1 for r in results if not isinstance(r, NimpipeError)) == 7
+
+
+def test_throttle_delays_starts(nim_server: Any, make_pipeline: Any) -> None:
+    pipeline = make_pipeline(routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)])
+    calls = []
+
+    def throttle() -> float:
+        calls.append(1)
+        return 0.0
+
+    pipeline.map([Turn.create("x")] * 5, concurrency=2, throttle=throttle)
+    assert len(calls) == 5
+
+
+def test_cancel_stops_the_batch(nim_server: Any, make_pipeline: Any) -> None:
+    nim_server.configure(latency=0.5)
+    pipeline = make_pipeline(routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)])
+    token = CancelToken()
+
+    async def main() -> list[Any]:
+        asyncio.get_running_loop().call_later(0.2, token.cancel)
+        return await pipeline.amap(
+            [Turn.create(f"x{i}") for i in range(20)], concurrency=4, cancel=token
+        )
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, NimpipeError) for r in results)
+
+
+def test_bad_concurrency(make_pipeline: Any) -> None:
+    pipeline = make_pipeline()
+    with pytest.raises(ValueError, match="at least 1"):
+        pipeline.map([], concurrency=0)
