@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import threading
 import time
@@ -52,6 +53,7 @@ from nimpipe.types import (
     Turn,
     TurnResult,
     Usage,
+    Verdict,
 )
 
 __all__ = ["AsyncTurnStream", "CancelToken", "Pipeline", "TurnStream"]
@@ -140,10 +142,19 @@ class _Mode:
 
 @attrs.define
 class _TurnLog:
-    """What one turn accumulates: decisions and call records."""
+    """What one turn accumulates: decisions, call records and check verdicts."""
 
     decisions: list[Any] = attrs.field(factory=list)
     records: list[CallRecord] = attrs.field(factory=list)
+    verdicts: list[Verdict] = attrs.field(factory=list)
+    #: How many verdicts are already attached to a record.
+    attached: int = 0
+
+
+#: The log of the turn running in the current context (thread or task).
+_current_log: contextvars.ContextVar[_TurnLog | None] = contextvars.ContextVar(
+    "nimpipe_turn_log", default=None
+)
 
 
 def _stamp(decision: Any, plugin: str) -> Any:
@@ -386,6 +397,34 @@ class Pipeline:
         if not turn.messages:
             raise NimpipeError(f"turn {turn.id} has no messages")
         log = _TurnLog()
+        token = _current_log.set(log)
+        try:
+            async for item in self._turn(turn, mode, streaming, cancel, log):
+                yield item
+        finally:
+            with contextlib.suppress(ValueError):
+                _current_log.reset(token)
+
+    def add_verdict(self, verdict: Verdict) -> None:
+        """Attach a check's verdict to the running turn.
+
+        Call it from a hook (or a deferred check) of the turn: the verdict
+        goes into the next :class:`CallRecord` the turn emits and into
+        :attr:`TurnResult.verdicts`.  Raises :class:`NimpipeError` outside a turn.
+        """
+        log = _current_log.get()
+        if log is None:
+            raise NimpipeError("add_verdict() was called outside a running turn")
+        log.verdicts.append(verdict)
+
+    async def _turn(
+        self,
+        turn: Turn,
+        mode: _Mode,
+        streaming: bool,
+        cancel: CancelToken | None,
+        log: _TurnLog,
+    ) -> AsyncGenerator[str | TurnResult, None]:
         plugins = self.plugins
         _check(turn, cancel)
 
@@ -422,6 +461,9 @@ class Pipeline:
         attempt = Attempt()
         last_good: tuple[Route, Response] | None = None
         chosen: tuple[Route, Response] | None = None
+        # The accepted call is recorded after post_output, so that output
+        # verdicts and an output block reach its record.
+        pending_record: tuple[Attempt, str] | None = None
         released: list[str] = []
         while chosen is None:
             route = await self._select(turn, attempt, mode, log)
@@ -485,7 +527,8 @@ class Pipeline:
             if judged:
                 decision = await self._judge(turn, route, response, error, attempt, mode, log)
             outcome = _outcome_of(decision, error)
-            if response is not None:
+            final = response is not None and error is None and outcome == "ok"
+            if response is not None and not final:
                 await self._record(
                     turn,
                     route,
@@ -527,6 +570,7 @@ class Pipeline:
                 raise error
             assert response is not None
             chosen = (route, response)
+            pending_record = (attempt, _reason(decision))
 
         route, response = chosen
         # Phase 4: output (the final answer only: a tool-call response is not one).
@@ -536,11 +580,35 @@ class Pipeline:
             output = Output(text=text, response=response, final=True, released=already)
             new_text, block = await self._post_output(turn, output, mode, log)
             if block is not None:
+                if pending_record is not None:
+                    await self._record(
+                        turn,
+                        route,
+                        pending_record[0],
+                        response=response,
+                        outcome="blocked",
+                        reason=block.reason,
+                        stream=streaming,
+                        mode=mode,
+                        log=log,
+                    )
                 if streaming:
                     yield block.message
                 yield self._blocked(turn, block, log, route=route, response=response)
                 return
             text = new_text
+        if pending_record is not None:
+            await self._record(
+                turn,
+                route,
+                pending_record[0],
+                response=response,
+                outcome="ok",
+                reason=pending_record[1],
+                stream=streaming,
+                mode=mode,
+                log=log,
+            )
         if streaming and hold and not sentence_release and text:
             yield text
         yield TurnResult(
@@ -550,6 +618,7 @@ class Pipeline:
             route=route,
             decisions=tuple(log.decisions),
             records=tuple(log.records),
+            verdicts=tuple(log.verdicts),
         )
 
     # ------------------------------------------------------------------
@@ -1085,6 +1154,9 @@ class Pipeline:
         await self._emit(record, turn, mode, log)
 
     async def _emit(self, record: CallRecord, turn: Turn, mode: _Mode, log: _TurnLog) -> None:
+        if len(log.verdicts) > log.attached:
+            record = attrs.evolve(record, verdicts=tuple(log.verdicts[log.attached :]))
+            log.attached = len(log.verdicts)
         log.records.append(record)
         if self.plugins.has_impls("record_cost"):
             await self.plugins.collect(
@@ -1108,6 +1180,7 @@ class Pipeline:
             blocked=block,
             decisions=tuple(log.decisions),
             records=tuple(log.records),
+            verdicts=tuple(log.verdicts),
         )
 
 

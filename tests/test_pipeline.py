@@ -623,3 +623,49 @@ def test_before_call_downgrades_and_refuses(nim_server: Any, make_pipeline: Any)
     second = pipeline.run(Turn.create("q"))
     assert second.blocked is not None and second.blocked.rule == "daily"
     assert chat_count(nim_server) == 1
+
+
+class Rails:
+    """Attaches a verdict from each phase, one from inside a deferred check."""
+
+    @hookimpl
+    def pre_input(self, pipeline: Any) -> Deferred:
+        pipeline.add_verdict(nimpipe.Verdict(rule="input-regex", decision="pass", plugin="rails"))
+
+        async def check() -> None:
+            await asyncio.sleep(0)
+            pipeline.add_verdict(
+                nimpipe.Verdict(rule="input-rail", decision="pass", backend="test")
+            )
+
+        return Deferred(check=check, name="input-rail")
+
+    @hookimpl
+    def post_output(self, output: Output, pipeline: Any) -> Block | None:
+        blocked = "forbidden" in output.text
+        pipeline.add_verdict(
+            nimpipe.Verdict(rule="output-rail", decision="block" if blocked else "pass")
+        )
+        return Block(reason="output rail", rule="output-rail") if blocked else None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_verdicts_reach_the_record_and_the_result(
+    nim_server: Any, make_pipeline: Any, mode: str
+) -> None:
+    ledger = Ledger()
+    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[Rails(), ledger])
+    run = pipeline.run if mode == "sync" else (lambda t: asyncio.run(pipeline.arun(t)))
+    result = run(Turn.create("fine"))
+    assert [v.rule for v in result.verdicts] == ["input-regex", "input-rail", "output-rail"]
+    (record,) = ledger.records
+    assert record.verdicts == result.verdicts and record.outcome == "ok"
+    blocked = run(Turn.create("forbidden"))
+    assert blocked.blocked is not None
+    assert ledger.records[-1].outcome == "blocked"
+    assert [v.decision for v in ledger.records[-1].verdicts][-1] == "block"
+
+
+def test_add_verdict_outside_a_turn_is_an_error(make_pipeline: Any) -> None:
+    with pytest.raises(NimpipeError, match="outside a running turn"):
+        make_pipeline().add_verdict(nimpipe.Verdict(rule="x", decision="pass"))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from jaato_helpers import MODEL, Transcript
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jaato_scratch() -> Iterator[Path]:
     """A scratch HOME, TMPDIR and workspace for jaato, and jaato's telemetry off."""
     from nimpipe.embedded import nimpipe_home
@@ -39,18 +39,18 @@ def jaato_scratch() -> Iterator[Path]:
             tempfile.tempdir = saved_tempdir
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jaato_server(jaato_scratch: Path) -> Iterator[Any]:
-    """One NIM-shaped server for the jaato tests, reset before each test."""
+    """One NIM-shaped server for a module's jaato sessions, reset before each test."""
     from nimpipe.testing.nim_server import NimServer
 
     with NimServer(model=MODEL) as server:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jaato_registry(jaato_scratch: Path) -> Any:
-    """jaato's plugin registry, discovered once (discovery takes seconds).
+    """jaato's plugin registry, discovered once per module (discovery takes seconds).
 
     Exposes ``calculator``, ``subagent`` (inline spawning allowed) and
     nimpipe's own tool plugin.

@@ -34,6 +34,11 @@ from nimpipe.jaato.provider import NimpipeProvider, create_provider  # noqa: E40
 from nimpipe.testing.nim_server import NimServer  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _scratch(jaato_scratch: Path) -> None:
+    """jaato runs with a scratch HOME and TMPDIR."""
+
+
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Any:
     with NimServer(model=MODEL) as srv:
