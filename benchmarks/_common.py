@@ -21,7 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from nimpipe import hookimpl
+import attrs
+
+from nimpipe import Response, Route, Usage, hookimpl
+from nimpipe.provider import OpenAIProvider
 
 if TYPE_CHECKING:
     from nimpipe import (
@@ -31,11 +34,8 @@ if TYPE_CHECKING:
         Output,
         Pipeline,
         ProviderError,
-        Response,
-        Route,
         Turn,
     )
-    from nimpipe.provider import OpenAIProvider
 
 #: The user message every benchmark sends.
 PROMPT = "Say hello in five words."
@@ -168,8 +168,8 @@ def raw_client_kwargs(target: Target) -> dict[str, Any]:
 
 
 def route_for(target: Target, name: str = "bench") -> Route:
-    """The nimpipe route to ``target``, with the SDK's retries off as in the baseline."""
-    from nimpipe import Route, Secret
+    """The nimpipe route to ``target``; nimpipe's retries are off, so a call fails once, as raw."""
+    from nimpipe import Secret
 
     return Route(
         name=name,
@@ -212,6 +212,10 @@ class NoopStage:
         return None
 
     @hookimpl
+    def before_call(self, turn: Turn, route: Route, attempt: Attempt, pipeline: Pipeline) -> None:
+        return None
+
+    @hookimpl
     def on_response(
         self,
         turn: Turn,
@@ -232,6 +236,53 @@ class NoopStage:
         return None
 
 
+#: The hooks :class:`NoopStage` implements, in the order a turn meets them.
+NOOP_HOOKS = (
+    "pre_input",
+    "filter_routes",
+    "select_provider",
+    "before_call",
+    "on_response",
+    "post_output",
+    "record_cost",
+)
+
+
+@attrs.define
+class CannedProvider(OpenAIProvider):
+    """A provider that answers every call with one fixed response, from memory.
+
+    Its async call suspends once, as a call on the network would at least.
+    """
+
+    response: Response = attrs.field(kw_only=True)
+
+    def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
+        return self.response
+
+    async def acomplete(self, route: Route, turn: Turn, timeout: float) -> Response:
+        import asyncio
+
+        await asyncio.sleep(0)
+        return self.response
+
+
+def canned_response(route: Route) -> Response:
+    """The response :class:`CannedProvider` gives: the test server's reply to :data:`PROMPT`."""
+    return Response(
+        text=f"NIM reply to: {PROMPT}",
+        usage=Usage(prompt_tokens=8, completion_tokens=8, source="server"),
+        model=route.model,
+        route=route.name,
+        id="chatcmpl-canned",
+    )
+
+
+def in_memory_route() -> Route:
+    """A route for pipelines on :class:`CannedProvider` (nothing listens at its URL)."""
+    return Route(name="bench", base_url="http://127.0.0.1:9/v1", model="bench-model")
+
+
 #: Names of the two pipeline modes every script compares with its baseline.
 WITH_HOOKS = "pipeline, no-op hooks"
 DEFAULT = "pipeline, default"
@@ -242,7 +293,7 @@ def build_pipelines(
 ) -> dict[str, Pipeline]:
     """The pipelines under test, by mode name, each with its own provider.
 
-    :data:`WITH_HOOKS` has :class:`NoopStage` on all six per-turn hooks;
+    :data:`WITH_HOOKS` has :class:`NoopStage` on every per-turn hook;
     :data:`DEFAULT` has only the built-in ``default_route`` stage.  No entry
     points are loaded.  Close them when done.
     """
@@ -272,29 +323,45 @@ def rotation(names: Sequence[T], index: int) -> list[T]:
     return [*names[k:], *names[:k]]
 
 
-def interleave(
-    modes: Mapping[str, Callable[[], object]], calls: int, warmup: int
-) -> dict[str, list[int]]:
+@dataclass(frozen=True)
+class Samples:
+    """Per-call durations in nanoseconds, by mode: wall-clock time and process CPU time.
+
+    CPU time leaves out the time the process waited for the server and the
+    time other processes had the CPU, so on a busy machine it is the steadier
+    measure of what a mode costs the caller.
+    """
+
+    wall: dict[str, list[int]]
+    cpu: dict[str, list[int]]
+
+
+def interleave(modes: Mapping[str, Callable[[], object]], calls: int, warmup: int) -> Samples:
     """Time ``calls`` calls of every mode, one call of each mode per round.
 
     The order rotates every round (AB, BA, AB, ... for two modes) so that no
-    mode always goes first.  ``warmup`` untimed rounds come first.  Returns
-    the duration of every call in nanoseconds, per mode.
+    mode always goes first.  ``warmup`` untimed rounds come first.
     """
     names = list(modes)
     for i in range(warmup):
         for name in rotation(names, i):
             modes[name]()
     gc.collect()
-    samples: dict[str, list[int]] = {name: [] for name in names}
+    wall: dict[str, list[int]] = {name: [] for name in names}
+    cpu: dict[str, list[int]] = {name: [] for name in names}
     clock = time.perf_counter_ns
+    cpu_clock = time.process_time_ns
     for i in range(calls):
         for name in rotation(names, i):
             call = modes[name]
             start = clock()
+            cpu_start = cpu_clock()
             call()
-            samples[name].append(clock() - start)
-    return samples
+            cpu_end = cpu_clock()
+            end = clock()
+            wall[name].append(end - start)
+            cpu[name].append(cpu_end - cpu_start)
+    return Samples(wall, cpu)
 
 
 # --------------------------------------------------------------------------
@@ -380,7 +447,7 @@ def environment() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions: dict[str, str | None] = {}
-    for package in ("nimpipe", "openai", "httpx", "pluggy", "attrs"):
+    for package in ("nimpipe", "openai", "httpx", "httpx2", "pluggy", "attrs"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

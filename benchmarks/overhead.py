@@ -10,9 +10,9 @@ What it measures
     * ``nimpipe provider alone``: ``OpenAIProvider.complete`` without the
       pipeline (request building and response parsing around the same call);
     * ``pipeline, no-op hooks``: ``pipeline.run(Turn.create(...))`` with a
-      plugin implementing ``pre_input``, ``filter_routes``,
-      ``select_provider`` (returning None), ``on_response``, ``post_output``
-      and ``record_cost``, each doing nothing;
+      plugin implementing every per-turn hook (``pre_input``,
+      ``filter_routes``, ``select_provider`` returning None, ``before_call``,
+      ``on_response``, ``post_output``, ``record_cost``), each doing nothing;
     * ``pipeline, default``: the same with only the built-in ``default_route``.
 
     Part 2, without the network: both pipelines on a provider that answers
@@ -48,21 +48,24 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import pstats
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 from _common import (
+    NOOP_HOOKS,
     PROMPT,
     WITH_HOOKS,
+    CannedProvider,
+    Samples,
     Stats,
     Target,
     add_json_argument,
     add_target_arguments,
     build_pipelines,
+    canned_response,
+    in_memory_route,
     interleave,
     open_target,
     paired_median_us,
@@ -74,7 +77,7 @@ from _common import (
 )
 
 import nimpipe
-from nimpipe import Pipeline, Response, Route, Turn, Usage
+from nimpipe import Pipeline, Response, Route, Turn
 from nimpipe.provider import OpenAIProvider, build_request, parse_completion
 
 TARGET_ADDED_US = 50.0
@@ -83,16 +86,6 @@ TARGET_ADDED_US = 50.0
 PROVIDER = "nimpipe provider alone"
 #: ``build_request`` plus ``parse_completion`` on a ready ``ChatCompletion``.
 TRANSLATION = "request/response translation"
-
-
-@attrs.define
-class CannedProvider(OpenAIProvider):
-    """A provider that answers every call with one fixed response, from memory."""
-
-    response: Response = attrs.field(kw_only=True)
-
-    def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
-        return self.response
 
 
 def canned_completion(route: Route) -> Any:
@@ -118,47 +111,55 @@ def canned_completion(route: Route) -> Any:
     )
 
 
-def canned_response(route: Route) -> Response:
-    return Response(
-        text=f"NIM reply to: {PROMPT}",
-        usage=Usage(prompt_tokens=8, completion_tokens=8, source="server"),
-        model=route.model,
-        route=route.name,
-        id="chatcmpl-canned",
-    )
-
-
 # --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
 
 def compare(
-    samples: dict[str, list[int]], baseline: str
-) -> tuple[dict[str, Stats], dict[str, dict[str, float]]]:
-    stats = {name: Stats.of_ns(s) for name, s in samples.items()}
-    base = stats[baseline]
+    samples: Samples, baseline: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, float]]]:
+    """Per-mode statistics, and each mode's differences from ``baseline``."""
+    wall = {name: Stats.of_ns(s) for name, s in samples.wall.items()}
+    cpu = {name: Stats.of_ns(s) for name, s in samples.cpu.items()}
+    stats = {name: {"wall": vars(wall[name]), "cpu": vars(cpu[name])} for name in wall}
+    base, base_cpu = wall[baseline], cpu[baseline]
     added: dict[str, dict[str, float]] = {}
-    for name, st in stats.items():
+    for name, st in wall.items():
         if name == baseline:
             continue
         added[name] = {
             "added_median_us": st.median_us - base.median_us,
             "added_p95_us": st.p95_us - base.p95_us,
-            "paired_median_us": paired_median_us(samples[name], samples[baseline]),
+            "paired_median_us": paired_median_us(samples.wall[name], samples.wall[baseline]),
             "ratio_median": st.median_us / base.median_us,
             "ratio_p95": st.p95_us / base.p95_us,
+            "added_cpu_median_us": cpu[name].median_us - base_cpu.median_us,
+            "ratio_cpu_median": cpu[name].median_us / base_cpu.median_us,
         }
     return stats, added
 
 
 def report(
-    title: str, stats: dict[str, Stats], added: dict[str, dict[str, float]], baseline: str
+    title: str, stats: dict[str, dict[str, Any]], added: dict[str, dict[str, float]], baseline: str
 ) -> None:
     rows = [
-        [name, st.n, st.median_us, st.p95_us, st.mean_us, st.min_us] for name, st in stats.items()
+        [
+            name,
+            st["wall"]["n"],
+            st["wall"]["median_us"],
+            st["wall"]["p95_us"],
+            st["wall"]["mean_us"],
+            st["wall"]["min_us"],
+            st["cpu"]["median_us"],
+        ]
+        for name, st in stats.items()
     ]
-    print_table(title, ["mode", "calls", "median us", "p95 us", "mean us", "min us"], rows)
+    print_table(
+        title,
+        ["mode", "calls", "median us", "p95 us", "mean us", "min us", "cpu median us"],
+        rows,
+    )
     rows = [
         [
             name,
@@ -167,12 +168,23 @@ def report(
             d["paired_median_us"],
             f"{d['ratio_median']:.3f}x",
             f"{d['ratio_p95']:.3f}x",
+            d["added_cpu_median_us"],
+            f"{d['ratio_cpu_median']:.3f}x",
         ]
         for name, d in added.items()
     ]
     print_table(
         f"  against {baseline!r}",
-        ["mode", "added median us", "added p95 us", "paired us", "ratio", "ratio p95"],
+        [
+            "mode",
+            "added median us",
+            "added p95 us",
+            "paired us",
+            "ratio",
+            "ratio p95",
+            "added cpu us",
+            "cpu ratio",
+        ],
         rows,
     )
 
@@ -203,8 +215,8 @@ def profile(call: Callable[[], object], turns: int, top: int) -> dict[str, Any]:
     profiler.enable()
     for _ in range(turns):
         call()
-    profiler.disable()
-    raw: dict[tuple[str, int, str], tuple[Any, ...]] = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    profiler.create_stats()
+    raw = profiler.stats
     total = sum(v[2] for v in raw.values())
     own = sum(v[2] for k, v in raw.items() if k[0].startswith(_PACKAGE_DIR))
     ranked = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
@@ -273,7 +285,7 @@ def measure(
         report_profile(f"Profile of {WITH_HOOKS!r}, {title.split(':')[0]}", prof)
     return {
         "baseline": baseline,
-        "stats": {name: vars(st) for name, st in stats.items()},
+        "stats": stats,
         "added": added,
         "profile": prof,
     }
@@ -318,7 +330,7 @@ def network_part(target: Target, args: argparse.Namespace) -> dict[str, Any]:
 
 def in_memory_part(args: argparse.Namespace) -> dict[str, Any]:
     """Part 2: the pipelines on an in-memory provider, against calling it directly."""
-    route = Route(name="bench", base_url="http://127.0.0.1:9/v1", model="bench-model")
+    route = in_memory_route()
     canned = canned_response(route)
     completion = canned_completion(route)
     pipelines = build_pipelines(route, lambda: CannedProvider(response=canned))
@@ -395,11 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     own = stages + translation
     verdict = "within" if own <= TARGET_ADDED_US else "OVER"
     print(
-        f"\nSummary: the pipeline with 6 no-op hooks adds {added['added_median_us']:.0f} us at "
-        f"the median over the network ({added['ratio_median']:.3f}x raw openai; paired "
-        f"differences: {added['paired_median_us']:.0f} us).  nimpipe's own CPU per turn: "
-        f"{stages:.1f} us in the pipeline + {translation:.1f} us of request/response "
-        f"translation = {own:.1f} us at the median, {verdict} the {TARGET_ADDED_US:.0f} us target."
+        f"\nSummary: the pipeline with {len(NOOP_HOOKS)} no-op hooks adds "
+        f"{added['added_median_us']:.0f} us at the median over the network "
+        f"({added['ratio_median']:.3f}x raw openai; paired differences: "
+        f"{added['paired_median_us']:.0f} us; CPU: {added['added_cpu_median_us']:.0f} us).  "
+        f"nimpipe's own CPU per turn in a hot loop: {stages:.1f} us in the pipeline + "
+        f"{translation:.1f} us of request/response translation = {own:.1f} us at the median, "
+        f"{verdict} the {TARGET_ADDED_US:.0f} us target."
     )
     write_json(
         args.json,

@@ -184,6 +184,7 @@ class Pipeline:
     plugins: Plugins
     provider: OpenAIProvider = attrs.field(factory=OpenAIProvider)
     _closed: bool = attrs.field(default=False, init=False)
+    _modes: tuple[_Mode, _Mode] | None = attrs.field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------
     # construction
@@ -373,9 +374,13 @@ class Pipeline:
     # ------------------------------------------------------------------
 
     def _mode(self, is_async: bool) -> _Mode:
-        if is_async:
-            return _Mode(self.provider, True, _sync.resolve_async)
-        return _Mode(self.provider, False, _sync.resolve_blocking)
+        modes = self._modes
+        if modes is None or modes[0].provider is not self.provider:
+            modes = self._modes = (
+                _Mode(self.provider, False, _sync.resolve_blocking),
+                _Mode(self.provider, True, _sync.resolve_async),
+            )
+        return modes[is_async]
 
     @staticmethod
     def _refuse_inside_loop(name: str) -> None:

@@ -18,6 +18,7 @@ call with its plugin, result and duration on the ``nimpipe.trace`` logger
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -59,6 +60,8 @@ CONTRIB_STAGES: Mapping[str, str] = {
     "budget": "nimpipe_contrib.budget",
     "router": "nimpipe_contrib.router",
     "cascade": "nimpipe_contrib.cascade",
+    "guardrails": "nimpipe_contrib.guardrails",
+    "pii_redactor": "nimpipe_contrib.pii",
 }
 
 #: Hooks nimpipe dispatches itself; wrappers are refused on them.
@@ -100,10 +103,6 @@ class _Impl:
     plugin: str
     function: Callable[..., Any]
     argnames: tuple[str, ...]
-
-
-def _is_awaitable(value: Any) -> bool:
-    return value is not None and inspect.isawaitable(value)
 
 
 @attrs.define
@@ -312,15 +311,11 @@ class Plugins:
         start = time.perf_counter() if self.trace else 0.0
         try:
             result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if _is_awaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 result = await resolve(result)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError):
+            raise
         except BaseException as exc:
-            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-                raise
-            if type(exc).__name__ == "CancelledError" and exc.__class__.__module__.startswith(
-                "asyncio"
-            ):
-                raise
             raise self._failed(hook, impl, exc) from exc
         if self.trace:
             self._trace(hook, impl, start, result)

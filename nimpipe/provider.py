@@ -45,6 +45,8 @@ __all__ = [
     "translate_error",
 ]
 
+_CHAT_PATH = "/chat/completions"
+
 #: Placeholder key for endpoints that need none (the SDK insists on one).
 _NO_KEY = "no-key"
 
@@ -76,71 +78,91 @@ def build_request(route: Route, turn: Turn, *, stream: bool) -> dict[str, Any]:
     return body
 
 
+def _field(obj: Any, name: str) -> Any:
+    """``obj[name]`` for JSON mappings, ``obj.name`` for SDK objects."""
+    if isinstance(obj, Mapping):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
 def _usage_of(raw: Any) -> Usage:
     if raw is None:
         return Usage(source="none")
     try:
-        prompt = int(getattr(raw, "prompt_tokens", 0) or 0)
-        completion = int(getattr(raw, "completion_tokens", 0) or 0)
+        prompt = int(_field(raw, "prompt_tokens") or 0)
+        completion = int(_field(raw, "completion_tokens") or 0)
     except (TypeError, ValueError):
         return Usage(source="none")
     return Usage(prompt_tokens=prompt, completion_tokens=completion, source="server")
 
 
 def _logprobs_of(choice: Any) -> tuple[float, ...] | None:
-    lp = getattr(choice, "logprobs", None)
-    content = getattr(lp, "content", None) if lp is not None else None
+    lp = _field(choice, "logprobs")
+    content = _field(lp, "content") if lp is not None else None
     if not content:
         return None
     try:
-        return tuple(float(t.logprob) for t in content)
-    except (TypeError, ValueError, AttributeError):
+        return tuple(float(_field(t, "logprob")) for t in content)
+    except (TypeError, ValueError):
         return None
 
 
-def parse_completion(obj: Any, route: Route, latency: float) -> Response:
-    """Turn a ``chat.completion`` object into a :class:`Response`.
+def parse_completion(data: Any, route: Route, latency: float) -> Response:
+    """Turn a ``chat.completion`` (decoded JSON, or an SDK object) into a :class:`Response`.
 
     Raises :class:`MalformedReplyError` when it has no usable choice.
     """
-    choices = getattr(obj, "choices", None)
-    if not choices:
-        raise MalformedReplyError("reply has no choices", route=route, body=_safe_body(obj))
+    if not isinstance(data, Mapping) and hasattr(data, "model_dump"):
+        data = data.model_dump()
+    if not isinstance(data, Mapping):
+        raise MalformedReplyError(f"reply is not a JSON object: {type(data).__name__}", route=route)
+    choices = data.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], Mapping):
+        raise MalformedReplyError("reply has no choices", route=route, body=_trim(data))
     choice = choices[0]
-    message = getattr(choice, "message", None)
-    if message is None:
-        raise MalformedReplyError("reply choice has no message", route=route)
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        raise MalformedReplyError("reply choice has no message", route=route, body=_trim(data))
     calls: list[ToolCall] = []
-    for call in getattr(message, "tool_calls", None) or ():
-        fn = getattr(call, "function", None)
-        if fn is None or not getattr(fn, "name", None):
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not fn.get("name"):
             raise MalformedReplyError("tool call without a function name", route=route)
         calls.append(
             ToolCall(
-                id=call.id or f"call_{len(calls)}", name=fn.name, arguments=fn.arguments or "{}"
+                id=call.get("id") or f"call_{len(calls)}",
+                name=fn["name"],
+                arguments=fn.get("arguments") or "{}",
             )
         )
-    content = getattr(message, "content", None)
+    content = message.get("content")
     if content is not None and not isinstance(content, str):
         raise MalformedReplyError("message content is not text", route=route)
     return Response(
         text=content or "",
         tool_calls=tuple(calls),
-        finish_reason=FinishReason.parse(getattr(choice, "finish_reason", None)),
-        usage=_usage_of(getattr(obj, "usage", None)),
-        model=getattr(obj, "model", None) or route.model,
+        finish_reason=FinishReason.parse(choice.get("finish_reason")),
+        usage=_usage_of(data.get("usage")),
+        model=data.get("model") or route.model,
         route=route.name,
         latency=latency,
-        id=getattr(obj, "id", None),
+        id=data.get("id"),
         logprobs=_logprobs_of(choice),
     )
 
 
-def _safe_body(obj: Any) -> Any:
+def _trim(data: Any) -> str:
+    return repr(data)[:500]
+
+
+def _decode(raw: bytes, route: Route) -> Any:
     try:
-        return obj.model_dump() if hasattr(obj, "model_dump") else repr(obj)[:500]
-    except Exception:
-        return None
+        return json.loads(raw)
+    except ValueError as exc:
+        snippet = raw[:120].decode("utf-8", "replace")
+        raise MalformedReplyError(
+            f"reply is not valid JSON ({exc}): {snippet!r}", route=route
+        ) from exc
 
 
 @attrs.define
@@ -395,14 +417,21 @@ class OpenAIProvider:
     # ------------------------------------------------------------------
 
     def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
-        """One non-streamed call."""
+        """One non-streamed call.
+
+        The request goes through the SDK's client (auth, headers, errors) as
+        plain JSON: nimpipe builds the body and reads the reply itself, which
+        skips the SDK's parameter transformation and response models.
+        """
         body = build_request(route, turn, stream=False)
         started = time.perf_counter()
         try:
-            obj = self.client(route).chat.completions.create(**body, timeout=timeout)
+            raw = self.client(route).post(
+                _CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}
+            )
         except Exception as exc:
             raise translate_error(exc, route) from exc
-        return parse_completion(obj, route, time.perf_counter() - started)
+        return parse_completion(_decode(raw, route), route, time.perf_counter() - started)
 
     async def acomplete(self, route: Route, turn: Turn, timeout: float) -> Response:
         """One non-streamed call, async."""
@@ -410,10 +439,12 @@ class OpenAIProvider:
         started = time.perf_counter()
         try:
             client = await self.aclient(route)
-            obj = await client.chat.completions.create(**body, timeout=timeout)
+            raw = await client.post(
+                _CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}
+            )
         except Exception as exc:
             raise translate_error(exc, route) from exc
-        return parse_completion(obj, route, time.perf_counter() - started)
+        return parse_completion(_decode(raw, route), route, time.perf_counter() - started)
 
     def stream(self, route: Route, turn: Turn, timeout: float) -> Iterator[str | Response]:
         """One streamed call: yields text deltas, then the complete :class:`Response`.

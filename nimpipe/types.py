@@ -282,6 +282,12 @@ class Price:
         return (prompt_tokens * self.input_per_1k + completion_tokens * self.output_per_1k) / 1000
 
 
+def _netloc(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc.rsplit("@", 1)[-1]
+
+
 @attrs.frozen(kw_only=True)
 class Route:
     """A named way to reach a model: an OpenAI-compatible endpoint plus a model.
@@ -311,13 +317,12 @@ class Route:
     #: Extra HTTP headers (never secrets: those go in ``api_key``).
     headers: Mapping[str, str] = attrs.field(factory=dict, eq=False, hash=False)
 
-    @property
-    def host(self) -> str:
-        """``host:port`` of the endpoint, for messages and records."""
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(self.base_url)
-        return parts.netloc.rsplit("@", 1)[-1]
+    #: ``host:port`` of the endpoint, for messages and records (derived from ``base_url``).
+    host: str = attrs.field(
+        init=False,
+        eq=False,
+        default=attrs.Factory(lambda self: _netloc(self.base_url), takes_self=True),
+    )
 
 
 # --------------------------------------------------------------------------

@@ -11,7 +11,8 @@ providers send them: jaato's system prompt and its ``list_tools`` /
 ``get_tool_schemas`` tools speak in those ids.  :class:`JaatoWireProvider`
 does that translation around each model call.
 
-jaato's types are imported when a function here runs, never at import time.
+This module imports ``jaato_sdk``: only the provider imports it, when jaato
+calls it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,27 @@ import attrs
 
 from nimpipe.provider import OpenAIProvider
 from nimpipe.types import FinishReason, Message, Response, Role, ToolCall, ToolSpec, Turn
+
+try:
+    from jaato_sdk.plugins.model_provider.types import FinishReason as JaatoFinishReason
+    from jaato_sdk.plugins.model_provider.types import (
+        FunctionCall,
+        Part,
+        ProviderResponse,
+        TokenUsage,
+        parse_tool_call_arguments,
+        render_result_for_model,
+        resolve_tool_use_finish,
+    )
+except ImportError as exc:
+    raise ImportError(
+        "nimpipe's jaato integration needs jaato's SDK: pip install 'nimpipe[jaato]'"
+    ) from exc
+
+try:
+    from shared.tool_id_map import id_to_name, name_to_id
+except ImportError:  # outside jaato-server: real names on the wire
+    id_to_name = name_to_id = str
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -38,15 +60,15 @@ __all__ = [
     "tools_from_jaato",
 ]
 
-#: nimpipe finish reasons -> jaato ``FinishReason`` values.
+#: nimpipe finish reasons -> jaato's.
 _FINISH = {
-    FinishReason.STOP: "stop",
-    FinishReason.LENGTH: "max_tokens",
-    FinishReason.TOOL_CALLS: "tool_use",
-    FinishReason.CONTENT_FILTER: "safety",
-    FinishReason.BLOCKED: "safety",
-    FinishReason.ERROR: "error",
-    FinishReason.CANCELLED: "cancelled",
+    FinishReason.STOP: JaatoFinishReason.STOP,
+    FinishReason.LENGTH: JaatoFinishReason.MAX_TOKENS,
+    FinishReason.TOOL_CALLS: JaatoFinishReason.TOOL_USE,
+    FinishReason.CONTENT_FILTER: JaatoFinishReason.SAFETY,
+    FinishReason.BLOCKED: JaatoFinishReason.SAFETY,
+    FinishReason.ERROR: JaatoFinishReason.ERROR,
+    FinishReason.CANCELLED: JaatoFinishReason.CANCELLED,
 }
 
 
@@ -64,8 +86,6 @@ def _arguments(call: Any) -> str:
 
 
 def _tool_result_text(result: Any) -> str:
-    from jaato_sdk.plugins.model_provider.types import render_result_for_model
-
     return render_result_for_model(
         result.result,
         result.model_suffix,
@@ -76,6 +96,9 @@ def _tool_result_text(result: Any) -> str:
 
 def _convert_message(message: Any) -> Iterator[Message]:
     parts = message.parts
+    if len(parts) == 1 and parts[0].text and message.role != "model":
+        yield Message(Role.USER, parts[0].text)
+        return
     responses = [p.function_response for p in parts if p.function_response is not None]
     if responses:
         # One nimpipe tool message per result: the OpenAI format wants one per call id.
@@ -83,8 +106,7 @@ def _convert_message(message: Any) -> Iterator[Message]:
             yield Message.tool(result.call_id, _tool_result_text(result), result.name or None)
         return
     text = "".join(p.text for p in parts if p.text) or None
-    role = getattr(message.role, "value", message.role)
-    if role == "model":
+    if message.role == "model":
         calls = tuple(
             ToolCall(id=c.id, name=c.name, arguments=_arguments(c))
             for c in (p.function_call for p in parts)
@@ -129,10 +151,7 @@ def tools_from_jaato(tools: Sequence[Any] | None) -> tuple[ToolSpec, ...]:
 
 def finish_reason(result: TurnResult) -> Any:
     """jaato's ``FinishReason`` for a pipeline result (a block is ``SAFETY``)."""
-    from jaato_sdk.plugins.model_provider.types import FinishReason as JaatoFinish
-    from jaato_sdk.plugins.model_provider.types import resolve_tool_use_finish
-
-    observed = JaatoFinish(_FINISH.get(result.finish_reason, "unknown"))
+    observed = _FINISH.get(result.finish_reason, JaatoFinishReason.UNKNOWN)
     return resolve_tool_use_finish(observed, bool(result.tool_calls) and result.blocked is None)
 
 
@@ -143,14 +162,6 @@ def provider_response(result: TurnResult, text: str | None = None) -> Any:
     cut short).  Usage is the answering call's; ``cost_usd`` is the sum over
     every call of the turn when a route has a price, else ``None``.
     """
-    from jaato_sdk.plugins.model_provider.types import (
-        FunctionCall,
-        Part,
-        ProviderResponse,
-        TokenUsage,
-        parse_tool_call_arguments,
-    )
-
     body = result.text if text is None else text
     parts = [Part(text=body)] if body else []
     if result.blocked is None:
@@ -179,19 +190,9 @@ def provider_response(result: TurnResult, text: str | None = None) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _wire_names() -> tuple[Any, Any]:
-    """jaato's ``(name_to_id, id_to_name)``, or identity functions outside jaato-server."""
-    try:
-        from shared.tool_id_map import id_to_name, name_to_id
-    except ImportError:
-        return str, str
-    return name_to_id, id_to_name
-
-
 def _to_wire(turn: Turn) -> Turn:
     if not turn.tools and not any(m.tool_calls for m in turn.messages):
         return turn
-    name_to_id, _ = _wire_names()
     messages = tuple(
         attrs.evolve(
             m, tool_calls=tuple(attrs.evolve(c, name=name_to_id(c.name)) for c in m.tool_calls)
@@ -213,7 +214,6 @@ def _to_wire(turn: Turn) -> Turn:
 def _from_wire(response: Response) -> Response:
     if not response.tool_calls:
         return response
-    _, id_to_name = _wire_names()
     calls = tuple(attrs.evolve(c, name=id_to_name(c.name)) for c in response.tool_calls)
     return attrs.evolve(response, tool_calls=calls)
 

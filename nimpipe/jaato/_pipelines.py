@@ -229,32 +229,44 @@ class CostTally:
     memory, for this process only.  Thread-safe.
     """
 
-    _rows: dict[tuple[str, str], AgentCost] = attrs.field(factory=dict, init=False)
+    #: (agent id, agent type) -> [calls, failed, prompt, completion, cost, priced].
+    _rows: dict[tuple[str, str], list[Any]] = attrs.field(factory=dict, init=False)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     @hookimpl
     def record_cost(self, record: CallRecord) -> None:
         """Add one call's tokens and cost to its agent's row."""
         key = (record.agent_id, record.agent_type)
+        failed = record.outcome in ("error", "cancelled", "blocked")
         with self._lock:
-            row = self._rows.get(key) or AgentCost(
-                agent_id=record.agent_id, agent_type=record.agent_type
-            )
-            self._rows[key] = attrs.evolve(
-                row,
-                calls=row.calls + 1,
-                failed=row.failed + (record.outcome in ("error", "cancelled", "blocked")),
-                prompt_tokens=row.prompt_tokens + record.prompt_tokens,
-                completion_tokens=row.completion_tokens + record.completion_tokens,
-                cost_usd=row.cost_usd + record.cost_usd,
-                priced=row.priced or record.price_source != "none",
-            )
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = [0, 0, 0, 0, 0.0, False]
+            row[0] += 1
+            row[1] += failed
+            row[2] += record.prompt_tokens
+            row[3] += record.completion_tokens
+            row[4] += record.cost_usd
+            row[5] = row[5] or record.price_source != "none"
 
     def summary(self) -> tuple[AgentCost, ...]:
         """One row per agent, the main agent first."""
         with self._lock:
-            rows = list(self._rows.values())
-        return tuple(sorted(rows, key=lambda r: (r.agent_type != "main", r.agent_id)))
+            rows = [(key, list(row)) for key, row in self._rows.items()]
+        costs = [
+            AgentCost(
+                agent_id=agent_id,
+                agent_type=agent_type,
+                calls=row[0],
+                failed=row[1],
+                prompt_tokens=row[2],
+                completion_tokens=row[3],
+                cost_usd=row[4],
+                priced=row[5],
+            )
+            for (agent_id, agent_type), row in rows
+        ]
+        return tuple(sorted(costs, key=lambda r: (r.agent_type != "main", r.agent_id)))
 
 
 # --------------------------------------------------------------------------

@@ -36,8 +36,11 @@ importing this module loads neither jaato nor the pipeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -97,7 +100,7 @@ def _outside_event_loop(fn: Callable[[], T]) -> T:
     worker.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 def _bridge_cancel(token: Any) -> CancelToken | None:
@@ -192,6 +195,7 @@ class NimpipeProvider:
         from nimpipe.jaato._pipelines import Settings, build_config
 
         settings = Settings.from_provider_config(config) if config is not None else self._settings
+        # The model is not known yet; any name lets the hosted default route be checked.
         routes = tuple(build_config(settings, settings.model or "unknown").routes.values())
         usable = [r for r in routes if r.api_key or r.self_hosted]
         if usable:
@@ -281,11 +285,12 @@ class NimpipeProvider:
         return sorted(unique)
 
     def _any_shared(self) -> SharedPipeline | None:
+        from nimpipe.errors import NimpipeError
         from nimpipe.jaato._pipelines import shared_pipeline
 
         try:
             return shared_pipeline(self._settings, self._model)
-        except Exception:  # no usable configuration: nothing to list
+        except NimpipeError:  # no usable configuration: nothing to list
             return None
 
     # ------------------------------------------------------------------
@@ -300,8 +305,6 @@ class NimpipeProvider:
         response_schema: Any,
         tool_choice: Any,
     ) -> Turn:
-        import time
-
         from nimpipe.jaato._convert import messages_from_jaato, tools_from_jaato
         from nimpipe.types import Turn
 
@@ -395,12 +398,8 @@ class NimpipeProvider:
             self._last_route = result.route
         response = provider_response(result)
         if response_schema and result.blocked is None and result.text:
-            import json
-
-            try:
+            with contextlib.suppress(ValueError):
                 response.structured_output = json.loads(result.text)
-            except ValueError:
-                pass
         self._last_usage = response.usage
         if on_chunk is not None and on_usage_update is not None and response.usage.total_tokens:
             on_usage_update(response.usage)
@@ -442,7 +441,7 @@ class NimpipeProvider:
         return count_tokens(content, model).count
 
     def get_context_limit(self) -> int:
-        """Context window of the route in use (the last route that answered, else the chosen one)."""
+        """Context window of the route in use (the last that answered, else the chosen one)."""
         route = self._route_in_use()
         if route is not None and route.context_length:
             return route.context_length
@@ -467,16 +466,12 @@ class NimpipeProvider:
 
     def serialize_history(self, history: list[Any]) -> str:
         """History as JSON, in jaato's session format."""
-        import json
-
         from shared.plugins.session.serializer import serialize_history
 
         return json.dumps(serialize_history(history))
 
     def deserialize_history(self, data: str) -> list[Any]:
         """History from :meth:`serialize_history`'s JSON."""
-        import json
-
         from shared.plugins.session.serializer import deserialize_history
 
         return list(deserialize_history(json.loads(data)))
