@@ -40,6 +40,7 @@ from nimpipe.errors import (
     HookError,
     OfflineError,
     PluginLoadError,
+    ProviderError,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ PIPELINE_HOOKS = frozenset(
 )
 
 #: Exceptions a hook may raise on purpose; they reach the caller unwrapped.
-_PASS_THROUGH = (BlockedError, CancelledError, DeadlineExceededError, OfflineError)
+_PASS_THROUGH = (BlockedError, CancelledError, DeadlineExceededError, OfflineError, ProviderError)
 
 trace_log = logging.getLogger("nimpipe.trace")
 

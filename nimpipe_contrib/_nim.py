@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
 
-from nimpipe.errors import ConfigError
 from nimpipe.hosts import host_of, is_private_address
 from nimpipe.types import Route
 
 __all__ = [
     "Endpoint",
     "ModelCard",
-    "SettingsReader",
     "cards_from_dicts",
     "endpoint_url",
     "endpoints_of",
@@ -167,14 +164,24 @@ def cards_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[ModelCard]:
     return parse_model_list({"data": list(items)})
 
 
+def _root_causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def format_error(exc: BaseException, url: str, timeout: float | None = None) -> str:
     """A one-line, human explanation of a failed HTTP request to ``url``."""
     name = type(exc).__name__
     text = str(exc) or name
+    chain = _root_causes(exc)
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in text.lower():
+        return f"connection refused at {url}"
     if "ConnectError" in name:
-        lowered = text.lower()
-        if "refused" in lowered:
-            return f"connection refused at {url}"
+        lowered = " ".join(str(e) for e in chain).lower()
         if "name or service not known" in lowered or "nodename nor servname" in lowered:
             return f"cannot resolve the host of {url}"
         return f"cannot connect to {url}: {text}"
@@ -184,92 +191,3 @@ def format_error(exc: BaseException, url: str, timeout: float | None = None) -> 
     if name in ("RemoteProtocolError", "ReadError", "WriteError"):
         return f"{url} closed the connection without a complete answer ({text})"
     return f"{url}: {name}: {text}"
-
-
-@attrs.define
-class SettingsReader:
-    """Reads a stage's ``[stages.NAME]`` table; every error names the file and the key.
-
-    Call :meth:`done` last: any key not read is refused as unknown.
-    """
-
-    stage: str
-    table: Mapping[str, Any]
-    source: str | None = None
-    _read: set[str] = attrs.field(factory=set, init=False)
-
-    def _fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(problem, path=self.source, key=f"stages.{self.stage}.{key}")
-
-    def _get(self, key: str) -> Any:
-        self._read.add(key)
-        return self.table.get(key)
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
-        """A number of at least ``minimum`` (strings from the environment are converted)."""
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            try:
-                value = float(value.strip())
-            except ValueError:
-                raise self._fail(key, f"must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._fail(key, f"must be a number, got {value!r}")
-        if value < minimum:
-            raise self._fail(key, f"must be at least {minimum:g}, got {value!r}")
-        return float(value)
-
-    def integer(self, key: str, default: int, *, minimum: int = 0) -> int:
-        """A whole number of at least ``minimum``."""
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value.strip())
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, f"must be an integer, got {value!r}")
-        if value < minimum:
-            raise self._fail(key, f"must be at least {minimum}, got {value}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        """``true``/``false`` (or the usual strings: 1/0, yes/no, on/off)."""
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-        raise self._fail(key, f"must be true or false, got {value!r}")
-
-    def choice(self, key: str, default: str, choices: Sequence[str]) -> str:
-        """One of ``choices``."""
-        value = self._get(key)
-        if value is None:
-            return default
-        if value not in choices:
-            raise self._fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
-        return str(value)
-
-    def path(self, key: str) -> Path | None:
-        """A file or directory path (``~`` expanded), or ``None`` when not set."""
-        value = self._get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            raise self._fail(key, f"must be a path, got {value!r}")
-        return Path(value.strip()).expanduser()
-
-    def done(self) -> None:
-        """Refuse keys that no reader asked for."""
-        unknown = sorted(set(self.table) - self._read)
-        if unknown:
-            known = ", ".join(sorted(self._read))
-            raise self._fail(unknown[0], f"unknown setting (known: {known})")

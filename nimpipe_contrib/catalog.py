@@ -50,7 +50,6 @@ The override file (TOML)::
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import hashlib
 import json
@@ -71,13 +70,13 @@ from nimpipe.types import Attempt, Price, Route, Turn
 from nimpipe_contrib._nim import (
     Endpoint,
     ModelCard,
-    SettingsReader,
     cards_from_dicts,
     endpoint_url,
     endpoints_of,
     format_error,
     parse_model_list,
 )
+from nimpipe_contrib._settings import StageSettings
 
 if TYPE_CHECKING:
     import argparse
@@ -154,13 +153,25 @@ class CatalogSettings:
     @classmethod
     def from_table(cls, table: Mapping[str, Any], source: str | None = None) -> CatalogSettings:
         """Read and validate a ``[stages.nim_catalog]`` table."""
-        reader = SettingsReader(STAGE_NAME, table, source)
-        overrides = reader.path("overrides")
-        settings = cls(
+        reader = StageSettings(STAGE_NAME, table, source, f"stages.{STAGE_NAME}")
+        reader.only(
+            (
+                "ttl",
+                "timeout",
+                "cache_dir",
+                "overrides",
+                "default_context_length",
+                "refresh_on_start",
+                "fetch_hosted",
+            )
+        )
+        overrides = reader.string("overrides", None)
+        cache_dir = reader.string("cache_dir", None)
+        return cls(
             ttl=reader.number("ttl", 3600.0),
             timeout=reader.number("timeout", 5.0, minimum=0.001),
-            cache_dir=reader.path("cache_dir"),
-            overrides=overrides,
+            cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+            overrides=Path(overrides).expanduser() if overrides else None,
             overrides_named=overrides is not None,
             default_context_length=reader.integer(
                 "default_context_length", DEFAULT_CONTEXT_LENGTH, minimum=1
@@ -168,8 +179,6 @@ class CatalogSettings:
             refresh_on_start=reader.boolean("refresh_on_start", True),
             fetch_hosted=reader.boolean("fetch_hosted", True),
         )
-        reader.done()
-        return settings
 
     def cache_directory(self) -> Path:
         """Where the disk cache lives."""
@@ -211,9 +220,7 @@ class Snapshot:
     models: Mapping[str, KnownModel] = attrs.field(hash=False)
 
 
-def _known_model(
-    model_id: str, entry: Any, origin: str, where: str, fail: Any
-) -> KnownModel:
+def _known_model(model_id: str, entry: Any, origin: str, where: str, fail: Any) -> KnownModel:
     if not isinstance(entry, Mapping):
         raise fail(f"models.{model_id}", "must be a table")
     allowed = {"context_length", "capabilities", "price", "source", "note"}
@@ -300,7 +307,7 @@ def load_overrides(path: Path, *, required: bool = False) -> dict[str, KnownMode
         raise fail(unknown[0], "unknown setting (known: models)")
     models = data.get("models", {})
     if not isinstance(models, Mapping):
-        raise fail("models", "must be a table of [models.\"MODEL ID\"] tables")
+        raise fail("models", 'must be a table of [models."MODEL ID"] tables')
     return {
         model_id: _known_model(model_id, entry, "override", f"override file {path}", fail)
         for model_id, entry in models.items()
@@ -530,11 +537,6 @@ class NimCatalog:
     # public API
     # ------------------------------------------------------------------
 
-    @property
-    def snapshot(self) -> Snapshot:
-        """The shipped snapshot."""
-        return load_snapshot()
-
     def routes(self) -> tuple[Route, ...]:
         """The routes in force (the pipeline's, else the config's)."""
         if self._pipeline is not None:
@@ -560,7 +562,7 @@ class NimCatalog:
 
     def known(self, model_id: str) -> KnownModel | None:
         """What the override file, else the snapshot, says about ``model_id``."""
-        return self.overrides().get(model_id) or self.snapshot.models.get(model_id)
+        return self.overrides().get(model_id) or load_snapshot().models.get(model_id)
 
     def load_local(self) -> None:
         """Read the override file and the disk cache (local files only, no network)."""
@@ -609,7 +611,7 @@ class NimCatalog:
         if card is not None and card.max_model_len:
             return card.max_model_len, "server"
         for name in (model_id, card.root if card else None, card.parent if card else None):
-            known = self.snapshot.models.get(name) if name else None
+            known = load_snapshot().models.get(name) if name else None
             if known is not None and known.context_length:
                 return known.context_length, "snapshot"
         return self.settings.default_context_length, "default"
@@ -644,15 +646,27 @@ class NimCatalog:
                 if source == "default":
                     continue
                 if (route.context_length, route.context_source) != (length, source):
-                    changed.append(attrs.evolve(route, context_length=length, context_source=source))
+                    changed.append(
+                        attrs.evolve(route, context_length=length, context_source=source)
+                    )
             if changed:
                 pipeline.replace_routes(*changed)
         for route in changed:
-            log.info("route %r: context window %d (%s)", route.name, route.context_length, route.context_source)
+            log.info(
+                "route %r: context window %d (%s)",
+                route.name,
+                route.context_length,
+                route.context_source,
+            )
         return changed
 
     def observe(self, endpoint: str, cards: Sequence[ModelCard]) -> None:
-        """Take a ``/v1/models`` answer fetched elsewhere (by the health stage's probes)."""
+        """Take a ``/v1/models`` answer fetched elsewhere (by the health stage's probes).
+
+        Ignored until the stage is configured (or made with :meth:`from_config`).
+        """
+        if self._pipeline is None and self.config is None:
+            return
         url = endpoint_url(endpoint)
         now = time.time()
         entry = EndpointCatalog(endpoint=url, cards=tuple(cards), fetched_at=now, origin="server")
@@ -688,7 +702,9 @@ class NimCatalog:
                 skip = "fetch_hosted is off"
             if skip is not None:
                 with self._lock:
-                    known = self._entries.get(endpoint.url) or EndpointCatalog(endpoint=endpoint.url)
+                    known = self._entries.get(endpoint.url) or EndpointCatalog(
+                        endpoint=endpoint.url
+                    )
                     self._entries[endpoint.url] = attrs.evolve(known, skipped=skip)
                 continue
             todo.append(endpoint)
@@ -865,7 +881,7 @@ class NimCatalog:
         if cards is not None:
             _write_cache(self.settings.cache_directory(), entry)
         else:
-            log.warning("catalog of %s: %s", endpoint.url, error)
+            log.info("catalog of %s: %s", endpoint.url, error)
 
 
 def create_plugin() -> NimCatalog:
@@ -893,14 +909,15 @@ def _age_text(seconds: float | None) -> str:
 def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
 
 
 def models_report(
     infos: Sequence[ModelInfo], endpoints: Sequence[EndpointCatalog], *, capabilities: bool
-) -> list[str]:
-    """The ``nimpipe models`` table and one line per endpoint that did not answer."""
-    lines = []
+) -> tuple[list[str], list[str]]:
+    """The ``nimpipe models`` table, and one line per endpoint that did not answer."""
     header = ["model", "context", "source", "routes", "endpoint", "base model"]
     if capabilities:
         header += ["capabilities", "price in/out per 1k"]
@@ -921,7 +938,8 @@ def models_report(
                 f"${price.input_per_1k:g} / ${price.output_per_1k:g}" if price else "-",
             ]
         rows.append(row)
-    lines.extend(_table(header, rows) if rows else ["(no model found)"])
+    table = _table(header, rows) if rows else ["(no model found)"]
+    problems = []
     for entry in endpoints:
         if entry.error:
             kept = (
@@ -929,10 +947,10 @@ def models_report(
                 if entry.cards
                 else "; nothing cached"
             )
-            lines.append(f"{entry.endpoint}: {entry.error}{kept}")
+            problems.append(f"{entry.endpoint}: {entry.error}{kept}")
         elif entry.skipped and not entry.cards:
-            lines.append(f"{entry.endpoint}: not asked ({entry.skipped}); nothing cached")
-    return lines
+            problems.append(f"{entry.endpoint}: not asked ({entry.skipped}); nothing cached")
+    return table, problems
 
 
 def run_models_command(config: Config, args: argparse.Namespace) -> int:
@@ -957,7 +975,7 @@ def run_models_command(config: Config, args: argparse.Namespace) -> int:
     answered = any(e.fetched_at is not None for e in endpoints)
     if args.json:
         payload = {
-            "snapshot_version": catalog.snapshot.version,
+            "snapshot_version": load_snapshot().version,
             "models": [info.to_dict() for info in infos],
             "endpoints": [
                 {
@@ -973,12 +991,9 @@ def run_models_command(config: Config, args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=2))
     else:
-        report = models_report(infos, endpoints, capabilities=bool(args.capabilities))
-        table_end = len(report) - sum(1 for e in endpoints if e.error or (e.skipped and not e.cards))
-        for line in report[:table_end]:
+        table, problems = models_report(infos, endpoints, capabilities=bool(args.capabilities))
+        for line in table:
             print(line)
-        for line in report[table_end:]:
+        for line in problems:
             print(f"nimpipe models: {line}", file=sys.stderr)
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
     return 0 if answered else 1

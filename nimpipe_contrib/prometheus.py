@@ -47,8 +47,8 @@ from nimpipe.errors import NimpipeError
 
 __all__ = [
     "METRIC_TYPES",
-    "Metrics",
     "MetricFamily",
+    "Metrics",
     "PrometheusParseError",
     "Sample",
     "parse",
@@ -79,6 +79,15 @@ _SPECIAL_VALUES = {
     "nan": math.nan,
 }
 _TIMESTAMP = re.compile(r"-?\d+")
+#: An ordinary sample line: no escapes or blanks inside the labels, no exemplar.
+#: Anything else goes through the full tokenizer.
+_PLAIN_LABEL_TEXT = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"\\]*"'
+_PLAIN_SAMPLE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    rf"(?:\{{((?:{_PLAIN_LABEL_TEXT}(?:,{_PLAIN_LABEL_TEXT})*,?)?)\}})?"
+    r"[ \t]+([^ \t]+)(?:[ \t]+(-?\d+))?[ \t]*"
+)
+_PLAIN_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"')
 _BLANKS = " \t"
 _LABEL_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
 
@@ -301,11 +310,15 @@ def _check_sample(family: _Family, sample: Sample, number: int, line: str) -> No
             raise PrometheusParseError(
                 "a histogram bucket needs a numeric 'le' label", line_number=number, line=line
             )
-    if family.type == "summary" and sample.name == family.name and "quantile" in sample.labels:
-        if not _is_value(sample.labels["quantile"]):
-            raise PrometheusParseError(
-                "a summary's 'quantile' label must be a number", line_number=number, line=line
-            )
+    if (
+        family.type == "summary"
+        and sample.name == family.name
+        and "quantile" in sample.labels
+        and not _is_value(sample.labels["quantile"])
+    ):
+        raise PrometheusParseError(
+            "a summary's 'quantile' label must be a number", line_number=number, line=line
+        )
 
 
 def _split_word(text: str) -> tuple[str, str, str]:
@@ -345,6 +358,21 @@ def _parse_value(text: str) -> float:
 
 
 def _parse_sample(line: str, number: int) -> Sample:
+    plain = _PLAIN_SAMPLE.fullmatch(line)
+    if plain is not None:
+        name, label_text, value_text, ts_text = plain.groups()
+        pairs = _PLAIN_LABEL.findall(label_text) if label_text else []
+        labels = dict(pairs)
+        try:
+            value = _parse_value(value_text)
+        except ValueError:
+            value = None
+        if value is not None and len(labels) == len(pairs):
+            return Sample(name, labels, value, int(ts_text) if ts_text is not None else None)
+    return _tokenize_sample(line, number)
+
+
+def _tokenize_sample(line: str, number: int) -> Sample:
     def fail(message: str) -> PrometheusParseError:
         return PrometheusParseError(message, line_number=number, line=line)
 

@@ -9,8 +9,9 @@ import pytest
 
 # Tests never load whatever plugins happen to be installed, never read the
 # developer's config, and never see their keys.
+_KEPT = ("NIMPIPE_REQUIRE_LLAMA", "NIMPIPE_REQUIRE_GUARDRAILS")
 for _name in list(os.environ):
-    if _name.startswith(("NIMPIPE_", "JAATO_NIM_")) and _name != "NIMPIPE_REQUIRE_LLAMA":
+    if _name.startswith(("NIMPIPE_", "JAATO_NIM_")) and _name not in _KEPT:
         del os.environ[_name]
 os.environ["NIMPIPE_LOAD_PLUGINS"] = ""
 os.environ["NEMO_GUARDRAILS_NO_USAGE_STATS"] = "1"
