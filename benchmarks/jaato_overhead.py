@@ -3,8 +3,11 @@
 The same jaato turn ("hello there", streamed, a fresh history each time)
 runs through jaato's own ``nim`` provider and through ``nimpipe`` against the
 same local NIM-shaped server (its own process), interleaved (A B B A ...), so
-that drift on the machine hits both alike.  Prints the median wall time of
-``JaatoClient.send_message`` for each provider and their ratio.
+that drift on the machine hits both alike.  Prints, for each provider, the
+median wall time of ``JaatoClient.send_message`` and the median CPU time this
+process spent on it (the client's own work: jaato, the provider, the openai
+SDK; the server runs elsewhere), and the ratios nimpipe / nim.  On a busy
+machine the CPU times are the steadier measure.
 
 Needs jaato-server 0.15.0 next to nimpipe (``pip install -e .[jaato]
 jaato-server==0.15.0``)::
@@ -67,14 +70,25 @@ def _client(provider: str, registry: Any, workspace: Path, stream: bool) -> Any:
     return client
 
 
-def _turn(client: Any) -> float:
+def _turn(client: Any) -> tuple[float, float]:
+    """One turn on a fresh history: (wall seconds, CPU seconds of this process)."""
     client.reset_session()
+    cpu = time.process_time()
     started = time.perf_counter()
     answer = client.send_message(PROMPT, on_output=lambda *_: None)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     if answer != f"NIM reply to: {PROMPT}":
         raise SystemExit(f"unexpected answer from {client.provider_name}: {answer!r}")
-    return elapsed
+    return elapsed, cpu
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median_ms": round(statistics.median(ordered) * 1e3, 3),
+        "p90_ms": round(ordered[int(len(ordered) * 0.9)] * 1e3, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,42 +115,46 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warmup):
             for client in clients.values():
                 _turn(client)
-        times: dict[str, list[float]] = {name: [] for name in clients}
+        wall: dict[str, list[float]] = {name: [] for name in clients}
+        cpu: dict[str, list[float]] = {name: [] for name in clients}
         order = list(clients)
         for i in range(args.turns):
             for name in order if i % 2 == 0 else reversed(order):
-                times[name].append(_turn(clients[name]))
+                elapsed, spent = _turn(clients[name])
+                wall[name].append(elapsed)
+                cpu[name].append(spent)
         served = server.count()
 
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    pair_ratios = [b / a for a, b in zip(times["nim"], times["nimpipe"], strict=True)]
-    result = {
+    result: dict[str, Any] = {
         "turns": args.turns,
         "stream": not args.batch,
         "requests_served": served,
-        "median_ms": {name: round(value * 1e3, 3) for name, value in medians.items()},
-        "p90_ms": {
-            name: round(sorted(values)[int(len(values) * 0.9)] * 1e3, 3)
-            for name, values in times.items()
-        },
-        "ratio_of_medians": round(medians["nimpipe"] / medians["nim"], 4),
-        "median_pair_ratio": round(statistics.median(pair_ratios), 4),
-        "added_ms": round((medians["nimpipe"] - medians["nim"]) * 1e3, 3),
     }
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        pairs = [b / a for a, b in zip(times["nim"], times["nimpipe"], strict=True) if a > 0]
+        result[label] = {
+            **{name: _summary(values) for name, values in times.items()},
+            "ratio_of_medians": round(medians["nimpipe"] / medians["nim"], 4),
+            "median_pair_ratio": round(statistics.median(pairs), 4),
+            "added_ms": round((medians["nimpipe"] - medians["nim"]) * 1e3, 3),
+        }
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        mode = "streamed" if result["stream"] else "batch"
-        print(f"jaato turn ({mode}), {args.turns} per provider, interleaved:")
+        return 0
+    mode = "streamed" if result["stream"] else "batch"
+    print(f"jaato turn ({mode}), {args.turns} per provider, interleaved:")
+    for label in ("wall", "cpu"):
+        part = result[label]
         for name in clients:
             print(
-                f"  {name:8} median {result['median_ms'][name]:8.3f} ms"
-                f"   p90 {result['p90_ms'][name]:8.3f} ms"
+                f"  {label:4} {name:8} median {part[name]['median_ms']:8.3f} ms"
+                f"   p90 {part[name]['p90_ms']:8.3f} ms"
             )
         print(
-            f"  nimpipe / nim: {result['ratio_of_medians']:.4f}x "
-            f"(median of paired ratios {result['median_pair_ratio']:.4f}x, "
-            f"{result['added_ms']:+.3f} ms per turn)"
+            f"  {label:4} nimpipe / nim: {part['ratio_of_medians']:.4f}x "
+            f"(median of paired ratios {part['median_pair_ratio']:.4f}x, "
+            f"{part['added_ms']:+.3f} ms per turn)"
         )
     return 0
 

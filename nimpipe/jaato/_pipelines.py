@@ -62,6 +62,16 @@ _ENV_PREFIXES = ("NIMPIPE_", "JAATO_NIM_")
 _ENV_NAMES = ("JAATO_OFFLINE", "XDG_CONFIG_HOME", "HOME", "NVIDIA_API_KEY")
 
 
+def _jaato_workspace() -> str | None:
+    """The workspace jaato has active for this task or process, if jaato-server can tell."""
+    try:
+        from shared.session_context import get_workspace_root
+    except ImportError:
+        return None
+    root = get_workspace_root()
+    return str(root) if root else None
+
+
 def _int_or_none(value: Any) -> int | None:
     if value is None or value == "":
         return None
@@ -77,7 +87,8 @@ class Settings:
     ``api_key`` arrives on ``ProviderConfig.api_key``.
     """
 
-    #: The jaato workspace (where ``nimpipe.toml`` is looked for).
+    #: The jaato workspace (where ``nimpipe.toml`` is looked for): the
+    #: session's ``workspace_path``, else the workspace jaato has active.
     workspace: str | None = None
     #: Endpoint of the route ``nim`` (``plugin_configs.nimpipe.base_url``).
     base_url: str | None = None
@@ -96,13 +107,13 @@ class Settings:
 
     @classmethod
     def from_provider_config(cls, config: Any) -> Settings:
-        """Read a jaato ``ProviderConfig`` (``None`` gives the defaults)."""
+        """Read a jaato ``ProviderConfig`` (``None``: only the active workspace)."""
         if config is None:
-            return cls()
+            return cls(workspace=_jaato_workspace())
         extra: Mapping[str, Any] = getattr(config, "extra", None) or {}
         key = getattr(config, "api_key", None) or extra.get("api_key")
         return cls(
-            workspace=extra.get("workspace_path") or None,
+            workspace=extra.get("workspace_path") or _jaato_workspace(),
             base_url=extra.get("base_url") or None,
             api_key=str(key) if key else None,
             model=extra.get("model") or None,
@@ -184,6 +195,10 @@ def build_config(
     from nimpipe.errors import ConfigError
 
     env = os.environ if env is None else env
+    chosen = settings.model or model
+    if env.get("JAATO_NIM_BASE_URL") and not env.get("JAATO_NIM_MODEL") and chosen:
+        # jaato's own nim provider needs no JAATO_NIM_MODEL: the model jaato asks for is it.
+        env = {**env, "JAATO_NIM_MODEL": chosen}
     cwd = Path(settings.workspace) if settings.workspace else None
     config = Config.load(env=env, cwd=cwd)
     nim = _nim_route(config, settings, model)

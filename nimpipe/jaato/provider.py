@@ -191,10 +191,14 @@ class NimpipeProvider:
         called and ``allow_interactive`` is false (nimpipe has no interactive
         login), and :class:`~nimpipe.errors.ConfigError` for a broken config.
         """
+        import attrs
+
         from nimpipe.errors import AuthenticationError
         from nimpipe.jaato._pipelines import Settings, build_config
 
         settings = Settings.from_provider_config(config) if config is not None else self._settings
+        if settings.workspace is None and self._settings.workspace is not None:
+            settings = attrs.evolve(settings, workspace=self._settings.workspace)
         # The model is not known yet; any name lets the hosted default route be checked.
         routes = tuple(build_config(settings, settings.model or "unknown").routes.values())
         usable = [r for r in routes if r.api_key or r.self_hosted]

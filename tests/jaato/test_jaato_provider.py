@@ -15,8 +15,9 @@ import pytest
 pytest.importorskip("jaato_sdk")
 pytest.importorskip("jaato_embedded")
 
+pytest_plugins = ["jaato_fixtures"]
+
 from jaato_helpers import MODEL, Counter  # noqa: E402
-from shared.plugins.model_provider.base import ProviderConfig  # noqa: E402
 from jaato_sdk.plugins.model_provider.types import (  # noqa: E402
     FinishReason,
     FunctionCall,
@@ -27,6 +28,7 @@ from jaato_sdk.plugins.model_provider.types import (  # noqa: E402
     ToolSchema,
     TurnOutcome,
 )
+from shared.plugins.model_provider.base import ProviderConfig  # noqa: E402
 
 import nimpipe  # noqa: E402
 from nimpipe import jaato as nimpipe_jaato  # noqa: E402
@@ -302,6 +304,46 @@ def test_workspace_nimpipe_toml_adds_routes(server: Any, tmp_path: Path) -> None
     assert server.requests[-1].body["max_tokens"] == 256
 
 
+def test_list_models_and_nim_models_show_the_catalog_stage(tmp_path: Path) -> None:
+    from nimpipe.jaato.commands import NimpipeCommands
+
+    other = "nvidia/llama-3.1-nemotron-70b-instruct"
+    with NimServer(models=[MODEL, {"id": other, "max_model_len": 65536}]) as srv:
+        (tmp_path / "nimpipe.toml").write_text(
+            textwrap.dedent(
+                f"""
+                [routes.local]
+                base_url = "{srv.base_url}"
+                model = "{MODEL}"
+
+                [stages.nim_catalog]
+                cache_dir = "{tmp_path / "catalog"}"
+                refresh_on_start = false
+                fetch_hosted = false
+                """
+            )
+        )
+        try:
+            provider = connected(ProviderConfig(extra={"workspace_path": str(tmp_path)}))
+            models = provider.list_models()
+            report = NimpipeCommands().nim_models({"args": ["--search", "nemotron"]})
+        finally:
+            nimpipe_jaato.close_pipelines()
+    assert {MODEL, other, "local"} <= set(models)
+    assert "NIM catalog (1 models):" in report
+    assert other in report and "65536" in report
+
+
+def test_jaato_nim_model_is_optional_as_with_jaatos_own_provider(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("JAATO_NIM_MODEL")
+    provider = connected(model=MODEL)
+    result = provider.complete([Message.from_text(Role.USER, "hello")])
+    assert result.text == "NIM reply to: hello"
+    assert server.requests[-1].body["model"] == MODEL
+
+
 def test_context_limit_follows_jaato_settings(server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JAATO_NIM_CONTEXT_LENGTH", "65536")
     assert connected().get_context_limit() == 65536
@@ -322,6 +364,21 @@ def test_verify_auth_needs_a_key_only_for_hosted_routes(monkeypatch: pytest.Monk
     messages: list[str] = []
     assert provider.verify_auth(config=local, on_message=messages.append)
     assert "nim" in messages[0]
+
+
+def test_verify_auth_reads_the_active_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jaato verifies with only plugin_configs: nimpipe.toml comes from jaato's active workspace."""
+    for name in ("JAATO_NIM_BASE_URL", "JAATO_NIM_API_KEY", "JAATO_NIM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "nimpipe.toml").write_text(
+        '[routes.local]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n'
+    )
+    monkeypatch.setenv("JAATO_WORKSPACE_ROOT", str(tmp_path))
+    messages: list[str] = []
+    assert NimpipeProvider().verify_auth(config=ProviderConfig(), on_message=messages.append)
+    assert messages == ["nimpipe: routes ready to call: local"]
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("jaato_sdk")
 pytest.importorskip("jaato_embedded")
 
+pytest_plugins = ["jaato_fixtures"]
+
 from jaato_helpers import MODEL, CostOnly, Counter, Transcript, wait_until  # noqa: E402
 
 import nimpipe  # noqa: E402
@@ -213,9 +215,7 @@ def test_four_subagents_at_once(nim_env: Any, stages: Any, make_client: Any) -> 
     assert set(recorded) == {"main", *workers}
 
     # The four subagents ran at once: their first calls were all in flight together.
-    firsts = [
-        min(r.time for r in requests if asker(r.body) == worker) for worker in workers
-    ]
+    firsts = [min(r.time for r in requests if asker(r.body) == worker) for worker in workers]
     assert max(firsts) - min(firsts) < 0.5
     # One pipeline served the main agent and the four subagents.
     assert len(nimpipe_jaato.active_pipelines()) == 1
@@ -225,9 +225,7 @@ def test_four_subagents_at_once(nim_env: Any, stages: Any, make_client: Any) -> 
         assert f"{worker}  subagent  {recorded[worker]}" in report
 
 
-def test_user_commands_are_listed_and_answer(
-    nim_env: Any, stages: Any, make_client: Any
-) -> None:
+def test_user_commands_are_listed_and_answer(nim_env: Any, stages: Any, make_client: Any) -> None:
     stages(Counter(), "counter")
     client = make_client()
     commands = client.get_user_commands()

@@ -1,7 +1,9 @@
 """Fixtures that drive real jaato sessions against local servers.
 
-Nothing here imports jaato at import time, so collecting ``tests/`` without
-jaato installed works (the test modules skip themselves).
+Test modules load them with ``pytest_plugins = ["jaato_fixtures"]`` (this is
+not a ``conftest.py``: the suite's root ``conftest`` module is imported by
+name elsewhere).  Nothing here imports jaato at import time, so collecting
+``tests/`` without jaato works (the test modules skip themselves).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 from jaato_helpers import MODEL, Transcript
+
 
 @pytest.fixture(scope="module")
 def jaato_scratch() -> Iterator[Path]:
@@ -96,9 +99,7 @@ def stages() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def make_client(
-    jaato_registry: Any, jaato_scratch: Path
-) -> Callable[..., Any]:
+def make_client(jaato_registry: Any, jaato_scratch: Path) -> Callable[..., Any]:
     """Build a jaato session the way a user's program does; returns the ``JaatoClient``."""
 
     def make(
@@ -118,7 +119,10 @@ def make_client(
         )
         client.connect(None, None, model)
         client.verify_auth(allow_interactive=False, plugin_configs=plugin_configs)
-        session_kwargs: dict[str, Any] = {"plugins": list(plugins), "preloaded_plugins": set(preloaded)}
+        session_kwargs: dict[str, Any] = {
+            "plugins": list(plugins),
+            "preloaded_plugins": set(preloaded),
+        }
         if plugin_configs:
             session_kwargs["plugin_configs"] = plugin_configs
         client.configure_tools(jaato_registry, None, None, session_kwargs=session_kwargs)
