@@ -70,7 +70,7 @@ def test_route_to_other_host_is_an_offline_error_not_a_retry(offline_mode: None)
     config = Config.from_dict({}, env={}).with_routes(remote, default="remote")
     with Pipeline.create(config, entrypoints=False) as pipeline:
         started = time.monotonic()
-        with pytest.raises(OfflineError, match="nim.example.internal"):
+        with pytest.raises(OfflineError, match=r"nim\.example\.internal"):
             pipeline.run(Turn.create("x"))
         assert time.monotonic() - started < 1.0
 
@@ -135,14 +135,14 @@ def test_offline_process_counts_zero_foreign_attempts(nim_server: Any, tmp_path:
     """A whole process under NIMPIPE_OFFLINE: turns run, a foreign call fails, counts prove it."""
     script = tmp_path / "run.py"
     script.write_text(
-        textwrap.dedent(f"""
+        textwrap.dedent("""
         import json
         from nimpipe import Pipeline, Turn, offline
         from nimpipe.config import Config
         from nimpipe.errors import OfflineError
         config = Config.load()
         with Pipeline.create(config, entrypoints=False) as pipeline:
-            texts = [pipeline.run(Turn.create(f"t{{i}}")).text for i in range(3)]
+            texts = [pipeline.run(Turn.create(f"t{i}")).text for i in range(3)]
             stream = pipeline.stream(Turn.create("streamed"))
             texts.append("".join(stream))
         try:
@@ -150,7 +150,7 @@ def test_offline_process_counts_zero_foreign_attempts(nim_server: Any, tmp_path:
             urllib.request.urlopen("http://example.com/", timeout=30)
         except OfflineError as exc:
             refused = exc.host
-        print(json.dumps({{"texts": texts, "refused": refused, "stats": offline.stats()}}))
+        print(json.dumps({"texts": texts, "refused": refused, "stats": offline.stats()}))
     """)
     )
     env = {

@@ -1,0 +1,494 @@
+"""The ledger stage: one durable record per call, reports, SQLite and PostgreSQL, durability."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pg_fixture import pg_url, postgres_server  # noqa: F401
+
+from nimpipe import CallRecord, Price, Route, Secret, Turn, Verdict
+from nimpipe.errors import ConfigError, HookError
+from nimpipe.jaato import _reports
+from nimpipe.testing.nim_server import NimServer
+from nimpipe_contrib import ledger as ledger_module
+from nimpipe_contrib.ledger import Ledger, parse_since
+
+TESTS = Path(__file__).resolve().parent
+WRITER = TESTS / "ledger_writer.py"
+MODEL = "meta/llama-3.1-8b-instruct"
+PRICE = Price(input_per_1k=1.0, output_per_1k=2.0, source="test price")
+
+
+def route_for(server: Any, name: str = "local", **kw: Any) -> Route:
+    kw.setdefault("price", PRICE)
+    return Route(name=name, base_url=server.base_url, model=MODEL, **kw)
+
+
+def ledger_of(pipeline: Any) -> Ledger:
+    stage = pipeline.plugins.pm.get_plugin("ledger")
+    assert stage is not None and stage.ledger is not None
+    return stage.ledger
+
+
+def make_record(i: int, **kw: Any) -> CallRecord:
+    values: dict[str, Any] = {
+        "time": 1_750_000_000.0 + i,
+        "turn_id": f"t-{i}",
+        "agent_id": "main",
+        "agent_type": "main",
+        "route": "local",
+        "provider": "127.0.0.1:1",
+        "model": MODEL,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_usd": 0.02,
+        "price_source": "test",
+        "latency": 0.1,
+    }
+    values.update(kw)
+    return CallRecord(**values)
+
+
+# ----------------------------------------------------------------------
+# one record per call, through the pipeline
+# ----------------------------------------------------------------------
+
+
+def test_every_call_is_recorded_with_tokens_cost_and_outcome(
+    make_pipeline: Any, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.sqlite"
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server, max_retries=1)],
+            stages={"ledger": {"path": str(db), "flush_interval": 0.05}},
+        )
+        ok = pipeline.run(Turn.create("plain call", agent_id="sub-1", agent_type="explorer"))
+        streamed = pipeline.stream(Turn.create("streamed call with several words"))
+        assert streamed.text() == "NIM reply to: streamed call with several words"
+        server.inject("status", count=2, status=503)
+        with pytest.raises(Exception, match="503"):
+            pipeline.run(Turn.create("this one fails"))
+        rows = ledger_of(pipeline).rows()
+    assert [r["outcome"] for r in rows] == ["ok", "ok", "retried", "error"]
+    first = rows[0]
+    (record,) = ok.records
+    assert first["turn_id"] == ok.turn.id and first["agent_id"] == "sub-1"
+    assert first["agent_type"] == "explorer" and first["route"] == "local"
+    assert first["model"] == MODEL and first["provider"] == server.root_url.split("//")[1]
+    assert first["prompt_tokens"] == record.prompt_tokens > 0
+    assert first["completion_tokens"] == record.completion_tokens > 0
+    assert first["usage_source"] == "server" and first["price_source"] == "test price"
+    assert first["cost_nusd"] == round(record.cost_usd * 1e9)
+    assert first["latency_us"] > 0 and first["ttft_us"] is None and first["stream"] == 0
+    # a streamed call is counted from the final usage chunk, never as zero
+    stream_row = rows[1]
+    assert stream_row["stream"] == 1 and stream_row["usage_source"] == "server"
+    assert stream_row["completion_tokens"] == 8 and stream_row["ttft_us"] > 0
+    assert rows[2]["error"] == "unavailable" and "503" in rows[2]["reason"]
+    assert len({r["record_id"] for r in rows}) == 4
+
+
+def test_close_flushes_what_is_queued(make_pipeline: Any, tmp_path: Path) -> None:
+    db = tmp_path / "ledger.sqlite"
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server)],
+            stages={"ledger": {"path": str(db), "flush_interval": 60, "batch_size": 1000}},
+        )
+        for i in range(5):
+            pipeline.run(Turn.create(f"call {i}"))
+        ledger = ledger_of(pipeline)
+        assert ledger.committed == 0
+        pipeline.close()
+    assert ledger.committed == 5
+    assert len(Ledger.open(db).rows()) == 5
+
+
+def test_interpreter_exit_flushes_the_queue(tmp_path: Path) -> None:
+    db = tmp_path / "exit.sqlite"
+    code = (
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_ledger import make_record\n"
+        "from nimpipe_contrib.ledger import Ledger\n"
+        "ledger = Ledger.open(sys.argv[2], flush_interval=60, batch_size=1000)\n"
+        "for i in range(50):\n"
+        "    ledger.record(make_record(i))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(TESTS), str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(Ledger.open(db).rows()) == 50
+
+
+def test_no_api_key_reaches_the_ledger(make_pipeline: Any, tmp_path: Path) -> None:
+    key = "nvapi-SECRETKEY0123456789"
+    with NimServer(api_key="the-right-key") as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server, api_key=Secret(key), max_retries=0)],
+            stages={"ledger": {"path": str(tmp_path / "l.sqlite")}},
+        )
+        server.inject("auth", message=f"Incorrect API key provided: {key}; Bearer {key}")
+        with pytest.raises(Exception, match="401"):
+            pipeline.run(Turn.create("hello"))
+        pipeline.close()
+    raw = (tmp_path / "l.sqlite").read_bytes()
+    wal = tmp_path / "l.sqlite-wal"
+    if wal.exists():
+        raw += wal.read_bytes()
+    assert b"SECRETKEY" not in raw
+    (row,) = Ledger.open(tmp_path / "l.sqlite").rows()
+    assert row["error"] == "authentication" and "***" in row["reason"]
+
+
+def test_verdicts_and_estimated_usage_are_kept(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.sqlite", flush_interval=0.01)
+    verdict = Verdict(rule="self check input", decision="pass", plugin="guardrails")
+    ledger.record(make_record(1, usage_source="estimated", verdicts=(verdict,)))
+    ledger.record(make_record(2, price_source="none", cost_usd=0.0))
+    ledger.flush()
+    first, _ = ledger.rows()
+    assert json.loads(first["verdicts"]) == [
+        {"rule": "self check input", "decision": "pass", "plugin": "guardrails", "backend": ""}
+    ]
+    (row,) = ledger.report("route")
+    assert row.estimated == 1 and row.unpriced == 1 and row.calls == 2
+    ledger.close()
+
+
+# ----------------------------------------------------------------------
+# reports: the API, nimpipe cost and jaato's nimpipe-cost
+# ----------------------------------------------------------------------
+
+
+def test_report_groups_and_since(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l.sqlite", flush_interval=0.01)
+    day = 86400.0
+    start = 1_750_000_000.0 - (1_750_000_000.0 % day)
+    ledger.record(make_record(1, time=start + 10, route="a", agent_id="x", cost_usd=0.5))
+    ledger.record(make_record(2, time=start + 20, route="b", agent_id="x", cost_usd=0.25))
+    ledger.record(
+        make_record(3, time=start + day + 5, route="a", agent_id="y", outcome="escalated", ttft=0.2)
+    )
+    by_route = ledger.report("route")
+    assert [(r.key, r.calls, r.cost_usd) for r in by_route] == [("a", 2, 0.52), ("b", 1, 0.25)]
+    assert by_route[0].escalated == 1 and by_route[0].mean_ttft_ms == 200.0
+    by_day = ledger.report("day")
+    assert [r.key for r in by_day] == ["2025-06-15", "2025-06-16"]
+    by_agent = ledger.report("agent")
+    assert {(r.key, r.agent_type) for r in by_agent} == {("x", "main"), ("y", "main")}
+    assert [r.key for r in ledger.report("route", since=start + day)] == ["a"]
+    assert ledger.spend(start + day) == (pytest.approx(0.02), {"y": pytest.approx(0.02)})
+    with pytest.raises(ValueError, match="by must be one of"):
+        ledger.report("week")
+    ledger.close()
+
+
+def test_parse_since() -> None:
+    now = 1_750_000_000.0
+    assert parse_since("7d", now) == now - 7 * 86400
+    assert parse_since("24h", now) == now - 86400
+    assert parse_since("30m", now) == now - 1800
+    assert parse_since("2025-06-01", now) == 1_748_736_000.0
+    assert parse_since("today", now) == now - now % 86400
+    with pytest.raises(ConfigError, match="--since"):
+        parse_since("last tuesday", now)
+
+
+def cost_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nimpipe.cli", "cost", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")},
+    )
+
+
+def test_cost_command(tmp_path: Path) -> None:
+    db = tmp_path / "l.sqlite"
+    (tmp_path / "nimpipe.toml").write_text(f'[stages.ledger]\npath = "{db}"\n')
+    missing = cost_cli(tmp_path)
+    assert missing.returncode == 1 and "no ledger at" in missing.stderr
+    ledger = Ledger.open(db, flush_interval=0.01)
+    now = time.time()
+    ledger.record(make_record(1, time=now, route="local", cost_usd=0.125))
+    ledger.record(make_record(2, time=now, route="frontier", model="big", cost_usd=1.5))
+    ledger.record(make_record(3, time=now - 30 * 86400, route="frontier", cost_usd=7.0))
+    ledger.close()
+
+    table = cost_cli(tmp_path, "--by", "route", "--since", "7d")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("spend by route") and "since 7d" in lines[0]
+    assert lines[2].split()[:2] == ["frontier", "1"] and "1.500000" in lines[2]
+    assert lines[-1].split()[0] == "total" and "1.625000" in lines[-1]
+
+    data = json.loads(cost_cli(tmp_path, "--by", "model", "--json").stdout)
+    assert data["by"] == "model" and data["ledger"] == f"sqlite:{db}"
+    assert {r["key"]: r["calls"] for r in data["rows"]} == {MODEL: 2, "big": 1}
+    assert data["total"]["cost_usd"] == pytest.approx(8.625)
+
+    rows = cost_cli(tmp_path, "--by", "agent", "--csv").stdout.splitlines()
+    assert rows[0].startswith("agent,agent_type,calls,errors")
+    assert rows[1].startswith("main,main,3,0")
+
+    bad = cost_cli(tmp_path, "--since", "someday")
+    assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_jaato_cost_summary_hook(make_pipeline: Any, tmp_path: Path) -> None:
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server)], stages={"ledger": {"path": str(tmp_path / "l.sqlite")}}
+        )
+        pipeline.run(Turn.create("hi", agent_id="planner", agent_type="plan"))
+        pipeline.run(Turn.create("hi again", agent_id="planner", agent_type="plan"))
+        rows = _reports.ask(pipeline, _reports.COST_HOOK)
+    assert rows is not None
+    (row,) = rows
+    assert row["agent_id"] == "planner" and row["agent_type"] == "plan" and row["calls"] == 2
+    assert row["cost_usd"] > 0
+
+
+# ----------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"flush_interval": "soon"}, "stages.ledger.flush_interval"),
+        ({"batch_size": 0}, "stages.ledger.batch_size"),
+        ({"synchronous": "off"}, "stages.ledger.synchronous"),
+        ({"colour": "blue"}, "stages.ledger.colour"),
+        ({"url": "postgresql://u:hunter2@db/x"}, "stages.ledger.url"),
+        ({"url": "mysql://db/x"}, "stages.ledger.url"),
+        ({"url_env": "NO_SUCH_VARIABLE_HERE"}, "stages.ledger.url_env"),
+        ({"url": "sqlite:///x", "path": "y"}, "stages.ledger.path"),
+    ],
+)
+def test_bad_settings_name_the_key(make_pipeline: Any, settings: dict[str, Any], key: str) -> None:
+    with pytest.raises(HookError) as info:
+        make_pipeline(stages={"ledger": settings})
+    cause = info.value.__cause__
+    assert isinstance(cause, ConfigError) and cause.key == key
+    assert "hunter2" not in str(cause)
+
+
+def test_postgres_without_psycopg_names_the_extra(
+    make_pipeline: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    with pytest.raises(HookError) as info:
+        make_pipeline(stages={"ledger": {"url": "postgresql://db.example/ledger"}})
+    assert "pip install 'nimpipe[postgres]'" in str(info.value.__cause__)
+
+
+def test_opentelemetry_metrics_and_spans(make_pipeline: Any, tmp_path: Path) -> None:
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("nimpipe")
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server)],
+            stages={"ledger": {"path": str(tmp_path / "l.sqlite"), "opentelemetry": True}},
+        )
+        ledger = ledger_of(pipeline)
+        assert ledger._telemetry is not None
+        ledger._telemetry._tracer = tracer
+        result = pipeline.run(Turn.create("trace me"))
+        ledger.flush()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == f"chat {MODEL}" and span.kind is trace.SpanKind.CLIENT
+    attributes = dict(span.attributes or {})
+    assert attributes["gen_ai.request.model"] == MODEL
+    assert attributes["gen_ai.usage.input_tokens"] == result.records[0].prompt_tokens
+    assert attributes["nimpipe.turn_id"] == result.turn.id
+
+
+# ----------------------------------------------------------------------
+# durability and concurrency
+# ----------------------------------------------------------------------
+
+
+def test_kill_9_loses_no_committed_record(tmp_path: Path) -> None:
+    db = tmp_path / "kill.sqlite"
+    child = subprocess.Popen(
+        [sys.executable, str(WRITER), "turns", str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    committed: list[str] = []
+    try:
+        assert child.stdout is not None
+        deadline = time.monotonic() + 60
+        while len(committed) < 40 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            if line.startswith("COMMITTED "):
+                committed.extend(line.split()[1:])
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        committed.extend(
+            word
+            for line in child.stdout.read().splitlines()
+            if line.startswith("COMMITTED ")
+            for word in line.split()[1:]
+        )
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    assert len(committed) >= 40
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        stored = {row[0] for row in conn.execute("SELECT record_id FROM nimpipe_calls")}
+    finally:
+        conn.close()
+    missing = set(committed) - stored
+    assert not missing, f"{len(missing)} committed records lost"
+    # the batching window: at most one batch (4 records) beyond what was reported
+    assert len(stored) - len(set(committed)) <= 4
+    print(f"\nkill -9: {len(committed)} committed records reported, {len(stored)} stored, 0 lost")
+
+
+def run_writers(target: str, count: int, processes: int = 4) -> None:
+    start_at = time.time() + 1.5
+    children = [
+        subprocess.Popen(
+            [sys.executable, str(WRITER), "records", target, f"w{n}", str(count), str(start_at)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(processes)
+    ]
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert out.strip() == f"DONE {count}"
+
+
+def test_four_processes_give_exact_counts_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "shared.sqlite"
+    run_writers(str(db), 400)
+    ledger = Ledger.open(db)
+    rows = ledger.report("agent")
+    assert {(r.key, r.calls) for r in rows} == {(f"w{n}", 400) for n in range(4)}
+    assert sum(r.calls for r in rows) == 1600
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_four_processes_give_exact_counts_postgres(pg_url: str) -> None:  # noqa: F811
+    run_writers(pg_url, 400)
+    rows = Ledger.open(pg_url).report("agent")
+    assert {(r.key, r.calls) for r in rows} == {(f"w{n}", 400) for n in range(4)}
+
+
+def test_writer_waits_out_a_locked_database(tmp_path: Path) -> None:
+    db = tmp_path / "locked.sqlite"
+    ledger = Ledger.open(db, flush_interval=0.01, busy_timeout=0.05)
+    ledger.record(make_record(0))
+    assert ledger.flush(10)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    for i in range(1, 20):
+        ledger.record(make_record(i))
+    time.sleep(0.5)
+    assert ledger.committed == 1 and ledger.write_failures > 0
+    blocker.execute("COMMIT")
+    blocker.close()
+    assert ledger.flush(10)
+    assert ledger.committed == 20 and len(ledger.rows()) == 20
+    ledger.close()
+
+
+def varied_records(n: int = 300) -> list[CallRecord]:
+    rng = random.Random(7)
+    out = []
+    for i in range(n):
+        out.append(
+            make_record(
+                i,
+                time=1_750_000_000.0 + i * 997.3,
+                route=rng.choice(["local", "hosted", "frontier"]),
+                model=rng.choice(["m-small", "m-large", "m-huge"]),
+                agent_id=rng.choice(["main", "sub-1", "sub-2", "judge"]),
+                agent_type=rng.choice(["main", "explorer"]),
+                prompt_tokens=rng.randint(1, 5000),
+                completion_tokens=rng.randint(0, 900),
+                cost_usd=rng.random() / 37,
+                latency=rng.random() * 3,
+                ttft=rng.choice([None, rng.random()]),
+                outcome=rng.choice(["ok", "ok", "ok", "escalated", "error", "retried"]),
+                usage_source=rng.choice(["server", "server", "estimated"]),
+                price_source=rng.choice(["test", "none"]),
+            )
+        )
+    return out
+
+
+def test_sqlite_and_postgres_give_identical_reports(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811
+) -> None:
+    records = varied_records()
+    ledgers = [Ledger.open(tmp_path / "same.sqlite"), Ledger.open(pg_url)]
+    for ledger in ledgers:
+        for record in records:
+            ledger.record(record)
+        ledger.close()
+    sqlite, postgres = (Ledger.open(tmp_path / "same.sqlite"), Ledger.open(pg_url))
+    for by in ledger_module.GROUPINGS:
+        for since in (None, 1_750_000_000.0 + 150_000):
+            left, right = sqlite.report(by, since), postgres.report(by, since)
+            assert left == right, by
+            expected = sum(1 for r in records if since is None or r.time >= since)
+            assert sum(r.calls for r in left) == expected
+    assert sqlite.spend(0) == postgres.spend(0)
+
+
+def test_pipeline_on_postgres(make_pipeline: Any, pg_url: str) -> None:  # noqa: F811
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server)],
+            stages={"ledger": {"url": pg_url, "flush_interval": 0.05}},
+        )
+        for i in range(3):
+            pipeline.run(Turn.create(f"postgres call {i}", agent_id="pg"))
+        (row,) = ledger_of(pipeline).report("agent")
+    assert row.key == "pg" and row.calls == 3 and row.cost_usd > 0
