@@ -255,9 +255,9 @@ def _guarded_cascade_fanout_cost(llama_url: str, tmp: Path) -> None:
         ]
         started = time.perf_counter()
         results = pipeline.map(batch, concurrency=3, progress=_progress)
-        for prompt, result in zip(prompts, results, strict=True):
+        for prompt, outcome in zip(prompts, results, strict=True):
             text = (
-                result.text.strip() if not isinstance(result, NimpipeError) else f"error: {result}"
+                f"error: {outcome}" if isinstance(outcome, NimpipeError) else outcome.text.strip()
             )
             _say(f"   {prompt:<16} -> {text[:70]}")
         _say(f"   {len(batch)} turns in {time.perf_counter() - started:.1f} s")
