@@ -151,10 +151,25 @@ class _TurnLog:
     attached: int = 0
 
 
+@attrs.frozen
+class _Abort:
+    """A call cut short by a block: the block and the outcome to record."""
+
+    block: Block
+    outcome: str
+
+
 #: The log of the turn running in the current context (thread or task).
 _current_log: contextvars.ContextVar[_TurnLog | None] = contextvars.ContextVar(
     "nimpipe_turn_log", default=None
 )
+
+
+def _decide(log: _TurnLog, decision: Any, plugin: str) -> Any:
+    """Stamp ``decision`` with its plugin, log it, and return it."""
+    decision = _stamp(decision, plugin)
+    log.decisions.append(decision)
+    return decision
 
 
 def _stamp(decision: Any, plugin: str) -> Any:
@@ -646,9 +661,7 @@ class Pipeline:
                 log.decisions.append(_stamp(result, plugin))
                 return result.value, False
             if isinstance(result, Block):
-                block = _stamp(result, plugin)
-                log.decisions.append(block)
-                blocked.append(block)
+                blocked.append(_decide(log, result, plugin))
                 return current, True
             if isinstance(result, Deferred):
                 deferred.append(_stamp(result, plugin))
@@ -734,9 +747,7 @@ class Pipeline:
                 )
                 return result, False
             if isinstance(result, Block):
-                block = _stamp(result, plugin)
-                log.decisions.append(block)
-                blocked.append(block)
+                blocked.append(_decide(log, result, plugin))
                 return current, True
             raise NimpipeError(
                 f"plugin {plugin!r}: before_call returned {type(result).__name__}; "
@@ -808,9 +819,7 @@ class Pipeline:
                 log.decisions.append(_stamp(result, plugin))
                 return attrs.evolve(current, text=result.value), False
             if isinstance(result, Block):
-                block = _stamp(result, plugin)
-                log.decisions.append(block)
-                blocked.append(block)
+                blocked.append(_decide(log, result, plugin))
                 return current, True
             raise NimpipeError(
                 f"plugin {plugin!r}: post_output returned {type(result).__name__}; "
@@ -855,105 +864,37 @@ class Pipeline:
                 partial: list[str] = []
                 try:
                     if streaming:
-                        sentence_buf = ""
-                        async for item in mode.stream(route, turn, timeout):
-                            _check(turn, cancel)
-                            if checks:
-                                block = self._finished_block(checks, deferred)
-                                if block is not None:
-                                    await self._record_aborted(
-                                        turn,
-                                        route,
-                                        attempt,
-                                        started,
-                                        partial,
-                                        "cancelled",
-                                        "input blocked",
-                                        mode,
-                                        log,
-                                    )
-                                    yield block
-                                    return
-                            if isinstance(item, Response):
-                                if sentence_release and sentence_buf:
-                                    text, block = await self._post_output(
-                                        turn,
-                                        Output(
-                                            text=sentence_buf,
-                                            final=False,
-                                            released="".join(released),
-                                        ),
-                                        mode,
-                                        log,
-                                    )
-                                    if block is not None:
-                                        await self._record_aborted(
-                                            turn,
-                                            route,
-                                            attempt,
-                                            started,
-                                            partial,
-                                            "blocked",
-                                            block.reason,
-                                            mode,
-                                            log,
-                                        )
-                                        yield block
-                                        return
-                                    released.append(text)
-                                    yield text
-                                if checks:
-                                    block = await self._await_checks(checks, deferred)
-                                    if block is not None:
-                                        await self._record_aborted(
-                                            turn,
-                                            route,
-                                            attempt,
-                                            started,
-                                            partial,
-                                            "cancelled",
-                                            "input blocked",
-                                            mode,
-                                            log,
-                                        )
-                                        yield block
-                                        return
-                                yield item
+                        async for item in self._stream_once(
+                            turn,
+                            route,
+                            mode,
+                            log,
+                            timeout,
+                            cancel,
+                            checks,
+                            deferred,
+                            hold=hold,
+                            sentence_release=sentence_release,
+                            released=released,
+                            partial=partial,
+                        ):
+                            if isinstance(item, _Abort):
+                                await self._record_aborted(
+                                    turn,
+                                    route,
+                                    attempt,
+                                    started,
+                                    partial,
+                                    item.outcome,
+                                    item.block.reason,
+                                    mode,
+                                    log,
+                                )
+                                yield item.block
                                 return
-                            partial.append(item)
-                            if not hold:
-                                released.append(item)
-                                yield item
-                            elif sentence_release:
-                                sentence_buf += item
-                                pieces = _SENTENCE_END.split(sentence_buf)
-                                if len(pieces) > 1:
-                                    cut = len(sentence_buf) - len(pieces[-1])
-                                    segment, sentence_buf = sentence_buf[:cut], sentence_buf[cut:]
-                                    text, block = await self._post_output(
-                                        turn,
-                                        Output(
-                                            text=segment, final=False, released="".join(released)
-                                        ),
-                                        mode,
-                                        log,
-                                    )
-                                    if block is not None:
-                                        await self._record_aborted(
-                                            turn,
-                                            route,
-                                            attempt,
-                                            started,
-                                            partial,
-                                            "blocked",
-                                            block.reason,
-                                            mode,
-                                            log,
-                                        )
-                                        yield block
-                                        return
-                                    released.append(text)
-                                    yield text
+                            yield item
+                            if isinstance(item, Response):
+                                return
                     else:
                         if checks:
                             response_or_block = await self._complete_with_checks(
@@ -1022,6 +963,60 @@ class Pipeline:
             for task in checks:
                 if not task.done():
                     task.cancel()
+
+    async def _stream_once(
+        self,
+        turn: Turn,
+        route: Route,
+        mode: _Mode,
+        log: _TurnLog,
+        timeout: float,
+        cancel: CancelToken | None,
+        checks: Sequence[asyncio.Future[Any]],
+        deferred: tuple[Deferred, ...],
+        *,
+        hold: bool,
+        sentence_release: bool,
+        released: list[str],
+        partial: list[str],
+    ) -> AsyncGenerator[str | Response | _Abort, None]:
+        """One streamed request: yields released text, then the Response, or an _Abort."""
+        pending = ""  # held text not yet checked (sentence release)
+
+        async def release(segment: str) -> str | _Abort:
+            output = Output(text=segment, final=False, released="".join(released))
+            text, block = await self._post_output(turn, output, mode, log)
+            if block is not None:
+                return _Abort(block, "blocked")
+            released.append(text)
+            return text
+
+        async for item in mode.stream(route, turn, timeout):
+            _check(turn, cancel)
+            block = self._finished_block(checks, deferred) if checks else None
+            if block is not None:
+                yield _Abort(block, "cancelled")
+                return
+            if isinstance(item, Response):
+                if sentence_release and pending:
+                    yield await release(pending)
+                block = await self._await_checks(checks, deferred) if checks else None
+                yield _Abort(block, "cancelled") if block is not None else item
+                return
+            partial.append(item)
+            if not hold:
+                released.append(item)
+                yield item
+            elif sentence_release:
+                pending += item
+                pieces = _SENTENCE_END.split(pending)
+                if len(pieces) > 1:
+                    cut = len(pending) - len(pieces[-1])
+                    segment, pending = pending[:cut], pending[cut:]
+                    result = await release(segment)
+                    yield result
+                    if isinstance(result, _Abort):
+                        return
 
     async def _complete_with_checks(
         self,
