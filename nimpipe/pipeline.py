@@ -335,7 +335,9 @@ class Pipeline:
 
         :param concurrency: at most this many turns in flight.
         :param throttle: called before each turn starts; returns seconds to
-            wait first (back-pressure, e.g. from the server's queue depth).
+            wait first.  By default, when the ``nim_health`` stage runs, its
+            ``backpressure()`` (from the server's ``num_requests_waiting``)
+            throttles the batch.
         :param progress: ``True`` draws a progress line on stderr; a callable
             gets ``(done, total)`` after each turn.
         :param cancel: cancels every turn not yet finished.
@@ -346,6 +348,9 @@ class Pipeline:
         total = len(items)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if throttle is None:
+            health = self.plugins.pm.get_plugin("nim_health")
+            throttle = getattr(health, "backpressure", None)
         gate = asyncio.Semaphore(concurrency)
         results: list[TurnResult | NimpipeError | None] = [None] * total
         report = _progress_reporter(progress, total)

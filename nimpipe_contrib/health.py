@@ -1461,6 +1461,28 @@ class NimHealth:
             target, timeout, progress=progress or self.progress
         )
 
+    def backpressure(self, route: Route | None = None) -> float:
+        """Seconds a fan-out should wait before starting another turn on ``route``.
+
+        Zero while the endpoint's queue (``num_requests_waiting``) is below
+        ``overload_waiting``; beyond it, a delay that grows with the queue
+        (50 ms per waiting request, at most 2 s), so that a batch stops
+        piling requests onto a server that is already queueing them.  With no
+        route, the deepest queue among the configured self-hosted endpoints
+        counts.  Reads the registry only: no request is made.
+        """
+        if self.monitor is None or self._pipeline is None:
+            return 0.0
+        routes = (route,) if route is not None else self._pipeline.routes
+        deepest = 0.0
+        for candidate in routes:
+            waiting = self.registry.snapshot(candidate).waiting
+            if waiting is not None:
+                deepest = max(deepest, waiting)
+        if deepest < self.settings.overload_waiting:
+            return 0.0
+        return min(2.0, 0.05 * deepest)
+
     def status(self) -> list[dict[str, Any]]:
         """One row per endpoint, as ``nimpipe status --json`` prints them."""
         monitor = self._require_monitor()

@@ -91,3 +91,44 @@ def test_bad_concurrency(make_pipeline: Any) -> None:
     pipeline = make_pipeline()
     with pytest.raises(ValueError, match="at least 1"):
         pipeline.map([], concurrency=0)
+
+
+def test_fanout_backs_off_while_the_server_queues(
+    nim_server: Any, make_pipeline: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nim_health running, amap waits before each turn while num_requests_waiting is high."""
+    import time
+
+    fast = {"interval": 0.1, "loading_interval": 0.05, "timeout": 1.0, "overload_waiting": 4}
+    route = Route(name="r", base_url=nim_server.base_url, model=MODEL, self_hosted=True)
+    pipeline = make_pipeline(routes=[route], stages={"nim_health": fast})
+    health = pipeline.plugins.pm.get_plugin("nim_health")
+    nim_server.configure(waiting_override=10)
+    for _ in range(100):  # bounded wait for a probe to see the queue
+        if health.registry.snapshot(route).waiting == 10:
+            break
+        time.sleep(0.05)
+    assert health.backpressure(route) == pytest.approx(0.5)
+
+    from nimpipe_contrib.health import NimHealth
+
+    seen: list[float] = []
+    real = NimHealth.backpressure
+
+    def spy(self: NimHealth, route: Any = None) -> float:
+        seen.append(real(self, route))
+        return seen[-1]
+
+    monkeypatch.setattr(NimHealth, "backpressure", spy)
+    results = pipeline.map([Turn.create(f"q{i}") for i in range(3)], concurrency=3)
+    assert all(not isinstance(r, NimpipeError) for r in results)
+    assert seen == [pytest.approx(0.5)] * 3, "every turn of the batch consulted the queue depth"
+
+    nim_server.configure(waiting_override=0)
+    for _ in range(100):
+        if health.registry.snapshot(route).waiting == 0:
+            break
+        time.sleep(0.05)
+    seen.clear()
+    pipeline.map([Turn.create("q")], concurrency=1)
+    assert seen == [0.0]
