@@ -234,6 +234,7 @@ class NimpipeCommands:
         options, _ = _flags(args)
         watch = bool(options.get("watch"))
         pipelines = self._pipelines()
+        banner = _offline_banner(pipelines)
         asked = None
         for pipeline in pipelines:
             asked = _reports.ask(pipeline, _reports.STATUS_HOOK)
@@ -250,7 +251,7 @@ class NimpipeCommands:
             if config is not None:
                 lines.append("nimpipe routes:")
                 lines.extend(_route_lines(config))
-            return "\n".join(lines)
+            return "\n".join([*banner, *lines])
         samples = [asked]
         if watch:
             for _ in range(WATCH_SAMPLES - 1):
@@ -269,7 +270,7 @@ class NimpipeCommands:
                 if rows
                 else ["  (no route reported)"]
             )
-        return "\n".join(lines)
+        return "\n".join([*banner, *lines])
 
     def nimpipe_cost(self, args: Mapping[str, Any] | None = None) -> str:
         """``nimpipe-cost``."""
@@ -369,3 +370,12 @@ def _ledger_report(rows: list[Mapping[str, Any]]) -> str:
 def create_plugin() -> NimpipeCommands:
     """Entry-point factory of the ``jaato.plugins`` group."""
     return NimpipeCommands()
+
+
+def _offline_banner(pipelines: Any) -> list[str]:
+    """A first line saying offline mode is on, when it is."""
+    from nimpipe import offline
+
+    if offline.is_enforced() or any(p.config.offline for p in pipelines):
+        return ["Offline mode: on (only loopback and self-hosted routes are reached)."]
+    return []

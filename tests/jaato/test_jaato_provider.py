@@ -429,3 +429,23 @@ def test_instances_on_threads_share_one_pipeline_and_attribute_every_call(server
         mine = [r for r in counter.records if r.agent_id == f"agent{i}"]
         assert len(mine) == 3
         assert {r.agent_type for r in mine} == {"subagent"}
+
+
+def test_nim_status_says_offline_mode_is_on(tmp_path: Path) -> None:
+    from nimpipe import offline
+    from nimpipe.jaato.commands import NimpipeCommands
+
+    with NimServer() as srv:
+        (tmp_path / "nimpipe.toml").write_text(
+            f'offline = true\n[routes.local]\nbase_url = "{srv.base_url}"\nmodel = "{MODEL}"\n'
+        )
+        try:
+            provider = connected(ProviderConfig(extra={"workspace_path": str(tmp_path)}))
+            assert (
+                provider.complete([Message.from_text(Role.USER, "hi")]).text == "NIM reply to: hi"
+            )
+            report = NimpipeCommands().nim_status({"args": []})
+        finally:
+            nimpipe_jaato.close_pipelines()
+            offline.disable()
+    assert report.splitlines()[0].startswith("Offline mode: on")
