@@ -125,18 +125,30 @@ def _load_toml(path: Path) -> dict[str, Any]:
 
 
 @attrs.frozen
-class _Reader:
-    source: str
+class FieldReader:
+    """Reads typed values out of ``source`` (a config file, or the environment).
+
+    Every method takes the full key and the raw value, and raises a
+    :class:`ConfigError` naming ``source``, the key and the problem.  Strings
+    are accepted where numbers and booleans are, as environment variables
+    give them.
+    """
+
+    #: What the values come from, shown in errors (``None``: nothing to name).
+    source: str | None
 
     def fail(self, key: str, problem: str) -> ConfigError:
+        """A :class:`ConfigError` about ``key``."""
         return ConfigError(problem, path=self.source, key=key)
 
     def string(self, key: str, value: Any) -> str:
+        """A non-empty string, stripped."""
         if not isinstance(value, str) or not value.strip():
             raise self.fail(key, f"must be a non-empty string, got {value!r}")
         return value.strip()
 
-    def integer(self, key: str, value: Any, minimum: int = 0) -> int:
+    def integer(self, key: str, value: Any, minimum: int | None = 0) -> int:
+        """An integer of at least ``minimum`` (``None``: no bound)."""
         if isinstance(value, str):
             try:
                 value = int(value.strip())
@@ -144,11 +156,12 @@ class _Reader:
                 raise self.fail(key, f"must be an integer, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, f"must be an integer, got {value!r}")
-        if value < minimum:
+        if minimum is not None and value < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {value}")
         return value
 
-    def number(self, key: str, value: Any, minimum: float = 0.0) -> float:
+    def number(self, key: str, value: Any, minimum: float | None = 0.0) -> float:
+        """An ``int`` or ``float`` of at least ``minimum`` (``None``: no bound), as a float."""
         if isinstance(value, str):
             try:
                 value = float(value.strip())
@@ -156,22 +169,28 @@ class _Reader:
                 raise self.fail(key, f"must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(key, f"must be a number, got {value!r}")
-        if value < minimum:
+        if minimum is not None and value < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {value}")
         return float(value)
 
-    def boolean(self, key: str, value: Any) -> bool:
+    def boolean(self, key: str, value: Any, *, blank_is_false: bool = True) -> bool:
+        """``true``/``false``, or the strings ``1``/``0``, ``yes``/``no``, ``on``/``off``.
+
+        A blank string reads as false, as an empty environment variable does,
+        unless ``blank_is_false`` is false.
+        """
         if isinstance(value, bool):
             return value
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
                 return True
-            if lowered in ("0", "false", "no", "off", ""):
+            if lowered in ("0", "false", "no", "off") or (blank_is_false and not lowered):
                 return False
         raise self.fail(key, f"must be true or false, got {value!r}")
 
     def names(self, key: str, value: Any) -> tuple[str, ...]:
+        """Names from a list of strings or a comma-separated string; blank ones dropped."""
         if isinstance(value, str):
             return tuple(n.strip() for n in value.split(",") if n.strip())
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -179,18 +198,20 @@ class _Reader:
         raise self.fail(key, f"must be a list of names, got {value!r}")
 
     def table(self, key: str, value: Any) -> Mapping[str, Any]:
+        """A table (any mapping)."""
         if not isinstance(value, Mapping):
             raise self.fail(key, f"must be a table, got {value!r}")
         return value
 
     def url(self, key: str, value: Any) -> str:
+        """An http(s) URL with a host, without a trailing slash."""
         url = self.string(key, value).rstrip("/")
         if not url.startswith(("http://", "https://")) or not host_of(url):
             raise self.fail(key, f"must be an http(s) URL with a host, got {value!r}")
         return url
 
 
-def _refuse_secrets(reader: _Reader, prefix: str, table: Mapping[str, Any]) -> None:
+def _refuse_secrets(reader: FieldReader, prefix: str, table: Mapping[str, Any]) -> None:
     for key, value in table.items():
         if key.lower() in _SECRET_KEYS:
             raise reader.fail(
@@ -208,7 +229,7 @@ def _refuse_secrets(reader: _Reader, prefix: str, table: Mapping[str, Any]) -> N
 
 
 def _route_from_table(
-    name: str, table: Mapping[str, Any], reader: _Reader, env: Mapping[str, str]
+    name: str, table: Mapping[str, Any], reader: FieldReader, env: Mapping[str, str]
 ) -> Route:
     prefix = f"routes.{name}."
     unknown = set(table) - _ROUTE_KEYS
@@ -284,7 +305,7 @@ def _env_route(
     model = env.get(f"{prefix}MODEL")
     if not base and not model:
         return None
-    reader = _Reader(ENV_SOURCE)
+    reader = FieldReader(ENV_SOURCE)
     if not model:
         raise reader.fail(f"{prefix}MODEL", f"must be set when {prefix}BASE_URL is set")
     url = reader.url(f"{prefix}BASE_URL", base or default_url or "")
@@ -376,7 +397,7 @@ class Config:
     ) -> Config:
         """Build a config from parsed TOML data plus the environment."""
         env = os.environ if env is None else env
-        reader = _Reader(source or "config")
+        reader = FieldReader(source or "config")
         unknown = set(data) - _TOP_KEYS
         if unknown:
             raise reader.fail(
@@ -439,7 +460,7 @@ class Config:
 
     @staticmethod
     def _apply_env(kwargs: dict[str, Any], env: Mapping[str, str]) -> None:
-        reader = _Reader(ENV_SOURCE)
+        reader = FieldReader(ENV_SOURCE)
         if env.get("NIMPIPE_ROUTE"):
             kwargs["default_route"] = reader.string("NIMPIPE_ROUTE", env["NIMPIPE_ROUTE"])
         if env.get("NIMPIPE_MAX_ATTEMPTS"):
@@ -467,7 +488,7 @@ class Config:
         if "NIMPIPE_STAGES" in env:
             kwargs["stages"] = reader.names("NIMPIPE_STAGES", env["NIMPIPE_STAGES"])
 
-    def _validate(self, reader: _Reader) -> None:
+    def _validate(self, reader: FieldReader) -> None:
         if self.stream_policy not in _STREAM_POLICIES:
             raise reader.fail(
                 "stream_policy",

