@@ -76,6 +76,7 @@ _ROUTE_KEYS = {
     "max_output_tokens",
     "flags",
     "headers",
+    "extra_body",
 }
 _SECRET_KEYS = {"api_key", "key", "token", "password", "secret", "authorization"}
 _STREAM_POLICIES = ("buffer", "sentence")
@@ -280,6 +281,8 @@ def _route_from_table(
         kwargs["headers"] = {
             str(k): reader.string(prefix + f"headers.{k}", v) for k, v in headers.items()
         }
+    if "extra_body" in table:
+        kwargs["extra_body"] = dict(reader.table(prefix + "extra_body", table["extra_body"]))
     if "self_hosted" in table:
         kwargs["self_hosted"] = reader.boolean(prefix + "self_hosted", table["self_hosted"])
     else:

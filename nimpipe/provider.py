@@ -47,6 +47,11 @@ __all__ = [
 
 _CHAT_PATH = "/chat/completions"
 
+#: Fields of an OpenAI ``chat.completion``; anything else is kept in ``Response.extra``.
+_COMPLETION_FIELDS = frozenset(
+    {"id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier"}
+)
+
 #: Placeholder key for endpoints that need none (the SDK insists on one).
 _NO_KEY = "no-key"
 
@@ -68,6 +73,8 @@ def build_request(route: Route, turn: Turn, *, stream: bool) -> dict[str, Any]:
     }
     if turn.tools:
         body["tools"] = [t.to_openai() for t in turn.tools]
+    if route.extra_body:
+        body.update(route.extra_body)
     if route.max_output_tokens is not None:
         body["max_tokens"] = route.max_output_tokens
     if turn.params:
@@ -148,6 +155,7 @@ def parse_completion(data: Any, route: Route, latency: float) -> Response:
         latency=latency,
         id=data.get("id"),
         logprobs=_logprobs_of(choice),
+        extra={k: v for k, v in data.items() if k not in _COMPLETION_FIELDS},
     )
 
 
@@ -455,7 +463,14 @@ class OpenAIProvider:
         body = build_request(route, turn, stream=True)
         asm = StreamAssembler(route, time.perf_counter())
         try:
-            stream = self.client(route).chat.completions.create(**body, timeout=timeout)
+            stream = self.client(route).post(
+                _CHAT_PATH,
+                cast_to=_chunk_type(),
+                body=body,
+                options={"timeout": timeout},
+                stream=True,
+                stream_cls=_stream_type(False),
+            )
             with stream:
                 for chunk in stream:
                     text = asm.feed(chunk)
@@ -475,7 +490,14 @@ class OpenAIProvider:
         asm = StreamAssembler(route, time.perf_counter())
         try:
             client = await self.aclient(route)
-            stream = await client.chat.completions.create(**body, timeout=timeout)
+            stream = await client.post(
+                _CHAT_PATH,
+                cast_to=_chunk_type(),
+                body=body,
+                options={"timeout": timeout},
+                stream=True,
+                stream_cls=_stream_type(True),
+            )
             async with stream:
                 async for chunk in stream:
                     text = asm.feed(chunk)
@@ -495,6 +517,19 @@ class OpenAIProvider:
         for client in clients:
             with contextlib.suppress(Exception):
                 client.close()
+
+
+def _chunk_type() -> Any:
+    from openai.types.chat import ChatCompletionChunk
+
+    return ChatCompletionChunk
+
+
+def _stream_type(is_async: bool) -> Any:
+    import openai
+    from openai.types.chat import ChatCompletionChunk
+
+    return (openai.AsyncStream if is_async else openai.Stream)[ChatCompletionChunk]
 
 
 async def _close_on_shutdown(clients: dict[Route, Any]) -> AsyncGenerator[None, None]:

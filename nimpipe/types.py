@@ -312,6 +312,8 @@ class Route:
     #: Where ``context_length`` came from (server, snapshot, override, config, default).
     context_source: str = "unknown"
     max_output_tokens: int | None = None
+    #: Extra fields merged into every request body (``nvext``, ``guardrails``, ...).
+    extra_body: Mapping[str, Any] = attrs.field(factory=dict, eq=False, hash=False)
     #: Free-form flags stages may read ("tokenize", "nim", "guardrails", ...).
     flags: frozenset[str] = attrs.field(factory=frozenset, converter=_tags)
     #: Extra HTTP headers (never secrets: those go in ``api_key``).
@@ -364,6 +366,8 @@ class Response:
     id: str | None = None
     #: Per-token log probabilities where the server returned them.
     logprobs: tuple[float, ...] | None = None
+    #: Top-level reply fields beyond the OpenAI ones (e.g. NeMo Guardrails' ``guardrails``).
+    extra: Mapping[str, Any] = attrs.field(factory=dict, eq=False, hash=False)
 
 
 @attrs.frozen(kw_only=True)

@@ -172,3 +172,16 @@ def test_route_lookup_error_lists_routes() -> None:
     )
     with pytest.raises(ConfigError, match="routes: a"):
         config.route("b")
+
+
+def test_route_extra_body_from_config() -> None:
+    data = {
+        "routes": {
+            "a": {
+                "base_url": "http://127.0.0.1:1/v1",
+                "model": "m",
+                "extra_body": {"nvext": {"top_k": 5}},
+            }
+        }
+    }
+    assert Config.from_dict(data, env={}).routes["a"].extra_body == {"nvext": {"top_k": 5}}

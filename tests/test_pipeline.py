@@ -685,3 +685,31 @@ def test_verdicts_reach_the_record_and_the_result(
 def test_add_verdict_outside_a_turn_is_an_error(make_pipeline: Any) -> None:
     with pytest.raises(NimpipeError, match="outside a running turn"):
         make_pipeline().add_verdict(nimpipe.Verdict(rule="x", decision="pass"))
+
+
+def test_route_extra_body_reaches_the_server(nim_server: Any, make_pipeline: Any) -> None:
+    extra = {"nvext": {"priority": 3}}
+    pipeline = make_pipeline(routes=[route_for(nim_server, extra_body=extra)])
+    assert pipeline.run(Turn.create("a")).ok
+    assert "".join(pipeline.stream(Turn.create("b")))
+    bodies = [r.body for r in nim_server.requests]
+    assert [b["nvext"] for b in bodies] == [{"priority": 3}, {"priority": 3}]
+
+
+def test_reply_fields_beyond_openai_are_kept() -> None:
+    from nimpipe.provider import parse_completion
+
+    reply = {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+        "guardrails": {"config_id": "self_check", "log": {"activated_rails": []}},
+    }
+    response = parse_completion(
+        reply, Route(name="r", base_url="http://127.0.0.1:1/v1", model="m"), 0.1
+    )
+    assert response.text == "hi"
+    assert response.extra == {
+        "guardrails": {"config_id": "self_check", "log": {"activated_rails": []}}
+    }
