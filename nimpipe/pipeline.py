@@ -165,6 +165,48 @@ _current_log: contextvars.ContextVar[_TurnLog | None] = contextvars.ContextVar(
 )
 
 
+async def _race_checks(
+    items: AsyncIterator[str | Response],
+    checks: Sequence[asyncio.Future[Any]],
+    deferred: tuple[Deferred, ...],
+) -> AsyncGenerator[str | Response | _Abort, None]:
+    """Stream ``items``, but stop with an :class:`_Abort` as soon as a deferred check blocks.
+
+    The wait for the next chunk races the checks, so a blocked input stops the
+    call without waiting for the model's first token.
+    """
+    iterator = items.__aiter__()
+    next_item: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if next_item is None:
+                next_item = asyncio.ensure_future(iterator.__anext__())
+            waiting = [c for c in checks if not c.done()]
+            if waiting:
+                await asyncio.wait({next_item, *waiting}, return_when=asyncio.FIRST_COMPLETED)
+            block = Pipeline._finished_block(checks, deferred)
+            if block is not None:
+                yield _Abort(block, "cancelled")
+                return
+            if not next_item.done():
+                continue
+            try:
+                item = next_item.result()
+            except StopAsyncIteration:
+                return
+            next_item = None
+            yield item
+    finally:
+        if next_item is not None and not next_item.done():
+            next_item.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await next_item
+        closing = getattr(iterator, "aclose", None)
+        if closing is not None:
+            with contextlib.suppress(Exception):
+                await closing()
+
+
 def _decide(log: _TurnLog, decision: Any, plugin: str) -> Any:
     """Stamp ``decision`` with its plugin, log it, and return it."""
     decision = _stamp(decision, plugin)
@@ -996,11 +1038,14 @@ class Pipeline:
             released.append(text)
             return text
 
-        async for item in mode.stream(route, turn, timeout):
+        raw = mode.stream(route, turn, timeout)
+        items: AsyncIterator[str | Response | _Abort] = (
+            _race_checks(raw, checks, deferred) if checks else raw
+        )
+        async for item in items:
             _check(turn, cancel)
-            block = self._finished_block(checks, deferred) if checks else None
-            if block is not None:
-                yield _Abort(block, "cancelled")
+            if isinstance(item, _Abort):
+                yield item
                 return
             if isinstance(item, Response):
                 if sentence_release and pending:

@@ -713,3 +713,23 @@ def test_reply_fields_beyond_openai_are_kept() -> None:
     assert response.extra == {
         "guardrails": {"config_id": "self_check", "log": {"activated_rails": []}}
     }
+
+
+def test_streamed_turn_blocked_by_deferred_check_does_not_wait_for_the_model(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    nim_server.configure(latency=30.0)  # the first token would come after 30 s
+    ledger = Ledger()
+    pipeline = make_pipeline(
+        routes=[route_for(nim_server)], plugins=[SlowInputCheck(0.05, block=True), ledger]
+    )
+
+    async def main() -> tuple[list[str], Any]:
+        stream = pipeline.astream(Turn.create("bad input"))
+        return [c async for c in stream], stream.result
+
+    started = time.perf_counter()
+    chunks, result = asyncio.run(main())
+    assert time.perf_counter() - started < 10.0, "the block raced the model's first token"
+    assert result.blocked is not None and chunks == [result.blocked.message]
+    assert [r.outcome for r in ledger.records] == ["cancelled"]
