@@ -174,3 +174,92 @@ def test_offline_process_counts_zero_foreign_attempts(nim_server: Any, tmp_path:
     assert data["refused"] == "example.com"
     foreign = {k: v for k, v in data["stats"].items() if not k.startswith("allowed:127.0.0.1")}
     assert foreign == {"refused:example.com": 1}
+
+
+def test_full_stages_offline_reach_only_loopback(tmp_path: Path) -> None:
+    """Catalog, health, guardrails, cascade and ledger in one offline process: every
+    connection attempt and DNS lookup is counted, and all of them are loopback."""
+    from nimpipe.testing.nim_server import NimServer
+
+    cheap, big = MODEL, "meta/llama-3.1-70b-instruct"
+    models = [
+        {
+            "id": cheap,
+            "max_model_len": 8192,
+            "replies": {"poem": "I'm sorry, but I can't help with that."},
+        },
+        {"id": big, "max_model_len": 131072, "replies": {"poem": "Roses are red, GPUs are fast."}},
+    ]
+    with NimServer(models=models) as server:
+        (tmp_path / "nimpipe.toml").write_text(
+            textwrap.dedent(f"""
+                offline = true
+                default_route = "local"
+                [routes.local]
+                base_url = "{server.base_url}"
+                model = "{cheap}"
+                [routes.big]
+                base_url = "{server.base_url}"
+                model = "{big}"
+                tier = 1
+                [routes.hosted]
+                base_url = "https://integrate.api.nvidia.com/v1"
+                model = "{big}"
+                tier = 2
+                [stages.nim_catalog]
+                cache_dir = "{tmp_path / "catalog"}"
+                [stages.nim_health]
+                interval = 0.2
+                [stages.guardrails]
+                backends = []
+                [stages.pii_redactor]
+                action = "block"
+                [stages.cascade]
+                [stages.ledger]
+                path = "{tmp_path / "ledger.sqlite"}"
+            """)
+        )
+        script = tmp_path / "run.py"
+        script.write_text(
+            textwrap.dedent("""
+                import json, time
+                from nimpipe import Pipeline, Turn, offline
+                from nimpipe.config import Config
+                with Pipeline.create(Config.load(), entrypoints=False) as pipeline:
+                    time.sleep(0.5)  # let the health and catalog stages probe in the background
+                    results = [pipeline.run(Turn.create(p)) for p in (
+                        "hello", "write a poem", "my card is 4111 1111 1111 1111")]
+                    pipeline.plugins.pm.get_plugin("ledger").ledger.flush()
+                    rows = pipeline.plugins.pm.get_plugin("ledger").ledger.report("route")
+                print(json.dumps({
+                    "routes": [r.route.name if r.route else None for r in results],
+                    "blocked": [r.blocked is not None for r in results],
+                    "ledger_calls": sum(row.calls for row in rows),
+                    "stats": offline.stats(),
+                }))
+            """)
+        )
+        env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(tmp_path),
+            "NIMPIPE_HOME": str(tmp_path / "home"),
+        }
+        env.pop("NIMPIPE_LOAD_PLUGINS", None)
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    assert data["routes"] == ["local", "big", None], (
+        "the poem escalates; the hosted route is never used"
+    )
+    assert data["blocked"] == [False, False, True]
+    assert data["ledger_calls"] == 3
+    assert data["stats"] and all(key.startswith("allowed:127.0.0.1") for key in data["stats"]), (
+        data["stats"]
+    )
