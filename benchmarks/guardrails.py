@@ -24,7 +24,9 @@ What it measures
       ``guardrails.config_id`` (input rail, generation, output rail on the
       server);
     * ``nimpipe turn, rails-only``: a whole pipeline turn with the
-      microservice stage (concurrent input check, model call, output check).
+      microservice stage (concurrent input check, model call, output check);
+    * ``nimpipe turn, guarded generation``: the same turn with
+      ``approach = "generation"`` (the model call goes through the server).
 
 How to read it
     Medians over ``--rounds`` rounds (10).  In Part 1, ``ratio to max`` is a
@@ -184,6 +186,8 @@ async def part2(args: argparse.Namespace) -> dict[str, Any] | None:
             backend = MicroserviceBackend(url=server.url, config_id=server.config_id)
             settings = {"url": server.url, "config_id": server.config_id, "model": "agent"}
             guarded_turn = pipeline_for(model.base_url, {"guardrails": settings})
+            generation_settings = {**settings, "approach": "generation"}
+            generation_turn = pipeline_for(model.base_url, {"guardrails": generation_settings})
             prompt = "hello there"
             messages = [{"role": "user", "content": prompt}]
             guarded_ok: list[bool] = []
@@ -192,6 +196,10 @@ async def part2(args: argparse.Namespace) -> dict[str, Any] | None:
                 result = await backend.guarded_completion(messages, "agent")
                 guarded_ok.append(not result.blocked and result.text.startswith("NIM reply"))
 
+            async def generation() -> None:
+                result = await generation_turn.arun(Turn.create(prompt))
+                guarded_ok.append(result.ok and result.text.startswith("NIM reply"))
+
             modes: dict[str, Timed] = {
                 "rails-only: input check": lambda: backend.check_input(prompt, "agent"),
                 "rails-only: output check": lambda: backend.check_output(
@@ -199,12 +207,14 @@ async def part2(args: argparse.Namespace) -> dict[str, Any] | None:
                 ),
                 "guarded generation": guarded,
                 "nimpipe turn, rails-only": lambda: guarded_turn.arun(Turn.create(prompt)),
+                "nimpipe turn, guarded generation": generation,
             }
             try:
                 times = await measure(modes, args.rounds)
             finally:
                 await backend.aclose()
                 guarded_turn.close()
+                generation_turn.close()
     assert all(guarded_ok), "the guarded generation did not pass"
     med = {name: median(values) for name, values in times.items()}
     rows = [[name, f"{v * 1000:.0f}", f"{percentile(times[name], 95) * 1000:.0f}"]

@@ -9,6 +9,7 @@ Enable it with a ``[stages.guardrails]`` table (every setting is in
     config_id = "default"          # its rails configuration (JAATO_NIM_GUARDRAILS_CONFIG)
     input_mode = "concurrent"      # or "sequential": no input reaches the model unchecked
     mode = "enforce"               # or "report": check and record, never block
+    approach = "checks"            # or "generation": model calls go through the NeMo server
     fail_open = false              # true: let turns through when a backend cannot judge
     timeout = 10.0                 # seconds for one check
 
@@ -30,6 +31,11 @@ What it does on every turn:
   something that is no verdict blocks the turn with rule
   ``guardrails:unavailable`` (fail-closed), unless ``fail_open = true``, which
   lets the turn through and records an ``unchecked`` verdict.
+- **guarded generation** (``approach = "generation"``): every model call is
+  sent through the NeMo Guardrails server's ``/v1/chat/completions`` with
+  ``guardrails.config_id``; the server runs its input rails, the model and its
+  output rails, and the stage turns the rails' log into verdicts and a typed
+  block instead of running its own rails-only checks.
 - **verdicts**: every check gives a :class:`~nimpipe.types.Verdict` (rail,
   decision, backend, latency) recorded per turn (:meth:`GuardrailsStage.verdicts`)
   and logged on ``nimpipe.guardrails``; a block names the rail in ``Block.rule``.
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -49,9 +56,22 @@ import attrs
 
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError, NimpipeError
-from nimpipe.types import Block, Deferred, Message, Output, Role, ToolCall, Turn, Verdict
+from nimpipe.types import (
+    Block,
+    Deferred,
+    Message,
+    Output,
+    Retry,
+    Role,
+    Secret,
+    ToolCall,
+    Turn,
+    Verdict,
+)
 from nimpipe_contrib.guardrails_backends import (
+    INPUT_RAILS,
     NEMO_REFUSAL,
+    OUTPUT_RAILS,
     Backend,
     BackendUnavailable,
     ContentSafetyBackend,
@@ -74,7 +94,9 @@ if TYPE_CHECKING:
     from nimpipe.types import Attempt, Response, Route
 
 __all__ = [
+    "APPROACHES",
     "BACKEND_NAMES",
+    "GENERATION_BACKEND",
     "STAGE",
     "UNAVAILABLE_RULE",
     "GuardrailsSettings",
@@ -92,6 +114,12 @@ UNAVAILABLE_RULE = "guardrails:unavailable"
 #: The rule of a block caused by ``denied_tools``.
 DENIED_TOOL_RULE = "guardrails:denied-tool"
 
+#: The ``Verdict.backend`` of the rails a guarded generation ran on the NeMo server.
+GENERATION_BACKEND = "microservice:generation"
+
+#: Values of ``approach``: rails-only checks around the call, or the call made through the server.
+APPROACHES = ("checks", "generation")
+
 #: Backend names accepted in ``backends``.
 BACKEND_NAMES = ("microservice", "inprocess", "content_safety", "topic_control", "jailbreak")
 
@@ -104,6 +132,7 @@ _KEYS = frozenset(
         "api_key_env",
         "config_path",
         "mode",
+        "approach",
         "input_mode",
         "fail_open",
         "timeout",
@@ -147,6 +176,9 @@ class GuardrailsSettings:
     config_path: str | None = None
     #: ``enforce`` blocks; ``report`` only checks and records.
     mode: Literal["enforce", "report"] = "enforce"
+    #: ``checks``: rails-only checks around the model call; ``generation``: the model call
+    #: goes through the NeMo Guardrails server, whose rails judge it.
+    approach: Literal["checks", "generation"] = "checks"
     #: ``concurrent``: the input check runs alongside the model call; ``sequential``: before it.
     input_mode: Literal["concurrent", "sequential"] = "concurrent"
     #: Let turns through when a backend cannot judge (recorded ``unchecked``).
@@ -208,7 +240,11 @@ class GuardrailsSettings:
         else:
             backends = ("microservice",)
         kwargs["backends"] = backends
-        for key, choices in (("mode", ("enforce", "report")), ("input_mode", _INPUT_MODES)):
+        for key, choices in (
+            ("mode", ("enforce", "report")),
+            ("approach", APPROACHES),
+            ("input_mode", _INPUT_MODES),
+        ):
             if key in table:
                 value = reader.text(key, table[key])
                 if value not in choices:
@@ -240,6 +276,8 @@ class GuardrailsSettings:
         return settings
 
     def _check_backends(self, reader: _Reader) -> None:
+        if self.approach == "generation" and "microservice" not in self.backends:
+            raise reader.fail("approach", '"generation" needs the microservice backend and its url')
         for name in self.backends:
             if name == "microservice" and not self.url:
                 raise reader.fail("url", "is required by the microservice backend "
@@ -273,6 +311,25 @@ class GuardrailsSettings:
                 f"the environment variable {env_var} is not set", key=f"stages.{STAGE}.{key}"
             )
         return value
+
+    @property
+    def generation_url(self) -> str:
+        """The guardrails server's OpenAI-compatible base URL (``<url>/v1``)."""
+        assert self.url is not None
+        root = self.url.rstrip("/")
+        return root if root.endswith("/v1") else f"{root}/v1"
+
+    def generation_body(self) -> dict[str, Any]:
+        """The ``guardrails`` request field of a guarded generation."""
+        guardrails: dict[str, Any] = {
+            "options": {
+                "log": {"activated_rails": True},
+                "output_vars": ["triggered_input_rail", "triggered_output_rail"],
+            }
+        }
+        if self.config_id:
+            guardrails["config_id"] = self.config_id
+        return {"guardrails": guardrails}
 
     def build_backends(self) -> tuple[Backend, ...]:
         """One backend object per name in :attr:`backends`."""
@@ -417,6 +474,8 @@ class GuardrailsStage:
             companions.append((_InputCheckers(self), f"{STAGE}.checkers"))
         if settings.check_tool_calls:
             companions.append((_ToolCallGuard(self), f"{STAGE}.tool_calls"))
+        if settings.approach == "generation":
+            companions.append((_GenerationGuard(self), f"{STAGE}.generation"))
         for companion, name in companions:
             self._companions.append(
                 plugins.register(companion, name, kind="contrib", version=__version__)
@@ -443,12 +502,25 @@ class GuardrailsStage:
         """The configured backends (after ``configure``)."""
         return self._backends
 
+    def _checking_backends(self, response: Response | None = None) -> tuple[Backend, ...]:
+        """The backends that judge input (``response`` ``None``) or the output of ``response``.
+
+        With guarded generation the NeMo server's own rails judge the input
+        and, when its reply carries the rails' log, the output: the
+        microservice backend's rails-only checks would only repeat them.
+        """
+        if self._settings.approach != "generation":
+            return self._backends
+        if response is not None and _generation_log(response) is None:
+            return self._backends
+        return tuple(b for b in self._backends if not isinstance(b, MicroserviceBackend))
+
     # -- input --------------------------------------------------------------------
 
     @hookimpl(trylast=True)
     async def pre_input(self, turn: Turn, pipeline: Pipeline) -> Turn | Block | Deferred | None:
         settings = self._settings
-        if not settings.check_input or not self._backends:
+        if not settings.check_input or not self._checking_backends():
             return None
         text = turn.last_user_text
         if settings.input_mode == "concurrent":
@@ -515,14 +587,15 @@ class GuardrailsStage:
         rewritten = outcome.text
         if rewritten is not None:
             segment = rewritten
-        if self._backends:
+        backends = self._checking_backends(output.response)
+        if backends:
             judged = segment if output.final else output.released + segment
             outcome = await self._judge(
                 turn,
                 "output",
                 judged,
                 pipeline,
-                self._backend_verdicts(turn, pipeline, "output", judged),
+                self._backend_verdicts(turn, pipeline, "output", judged, backends),
             )
             if outcome.block is not None:
                 return outcome.block
@@ -573,6 +646,98 @@ class GuardrailsStage:
         outcome = await self._judge(turn, "tool call", prompt, pipeline, _ready(verdicts))
         return outcome.block
 
+    # -- guarded generation -------------------------------------------------------------
+
+    def generation_route(self, route: Route, attempt: Attempt) -> Route | None:
+        """``route`` sent through the NeMo Guardrails server, or ``None`` to call it directly.
+
+        Same name, model, price and limits, so records and the ledger stay
+        attributed to the route; the base URL is the server's ``/v1``, the
+        request carries ``guardrails.config_id`` and asks for the rails' log,
+        and the route's own key is replaced by the server's (``api_key_env``):
+        a model key never goes to another host.  After a fail-open retry the
+        route is called directly.
+        """
+        settings = self._settings
+        if _is_generation_route(route):
+            return None
+        cause = attempt.cause
+        if (
+            isinstance(cause, Retry)
+            and cause.plugin == STAGE
+            and cause.reason.startswith(_FAIL_OPEN_RETRY)
+        ):
+            return None
+        key = settings.api_key(settings.api_key_env, "api_key_env")
+        return attrs.evolve(
+            route,
+            base_url=settings.generation_url,
+            api_key=Secret(key) if key else None,
+            api_key_env=settings.api_key_env,
+            extra_body={**route.extra_body, **settings.generation_body()},
+        )
+
+    async def judge_generation(
+        self,
+        turn: Turn,
+        route: Route,
+        response: Response | None,
+        error: ProviderError | None,
+        pipeline: Pipeline,
+    ) -> Block | Retry | None:
+        """Record the rails a guarded generation ran; block when one of them stopped the turn.
+
+        A server that cannot be reached, fails or times out counts as
+        unavailable: fail-closed blocks, ``fail_open`` records ``unchecked``
+        and calls the route directly once.
+        """
+        if not _is_generation_route(route):
+            return None
+        started = time.perf_counter()
+        if response is None:
+            rail = _streamed_block_rail(error.message) if error is not None else None
+            if rail is not None:
+                verdict = Verdict(
+                    rule=rail,
+                    decision="block",
+                    plugin=STAGE,
+                    backend=GENERATION_BACKEND,
+                    latency=time.perf_counter() - started,
+                    detail="the server cut the stream: output blocked",
+                )
+                return (await self._judge(turn, "output", "", pipeline, _ready([verdict]))).block
+            if error is None or not error.transient:
+                return None  # not the guardrails' doing (a refused key, a bad request)
+            verdict = self._unavailable(GENERATION_BACKEND, error.message, started)
+            outcome = await self._judge(turn, "input", "", pipeline, _ready([verdict]))
+            if outcome.block is not None:
+                return outcome.block
+            return Retry(reason=f"{_FAIL_OPEN_RETRY}: {error.message}", plugin=STAGE)
+        log = _generation_log(response)
+        if log is None:
+            if response.ttft is None:
+                reason = (
+                    f"the reply of {route.host} carries no guardrails log "
+                    "(not a NeMo Guardrails server, or the config_id is unknown)"
+                )
+                verdict = self._unavailable(GENERATION_BACKEND, reason, started)
+                return (await self._judge(turn, "output", "", pipeline, _ready([verdict]))).block
+            if response.text.strip() != NEMO_REFUSAL:
+                return None  # streamed: post_output judges the held-back text
+            verdict = Verdict(
+                rule=INPUT_RAILS,
+                decision="block",
+                plugin=STAGE,
+                backend=GENERATION_BACKEND,
+                detail="the server streamed its refusal (a streamed reply carries no rails log)",
+            )
+            return (await self._judge(turn, "input", "", pipeline, _ready([verdict]))).block
+        inputs, outputs = _generation_verdicts(log)
+        outcome = await self._judge(turn, "input", "", pipeline, _ready(inputs))
+        if outcome.block is not None:
+            return outcome.block
+        return (await self._judge(turn, "output", "", pipeline, _ready(outputs))).block
+
     # -- verdicts ---------------------------------------------------------------------
 
     @property
@@ -595,7 +760,12 @@ class GuardrailsStage:
         return route.model if route is not None else "default"
 
     async def _backend_verdicts(
-        self, turn: Turn, pipeline: Pipeline, kind: Literal["input", "output"], text: str
+        self,
+        turn: Turn,
+        pipeline: Pipeline,
+        kind: Literal["input", "output"],
+        text: str,
+        backends: Sequence[Backend] | None = None,
     ) -> list[Verdict]:
         model = self._check_model(turn, pipeline)
         if kind == "input":
@@ -604,10 +774,15 @@ class GuardrailsStage:
             check = functools.partial(
                 _output_check, prompt=turn.last_user_text, text=text, model=model
             )
-        return await self._run_backends(turn, check)
+        if backends is None:
+            backends = self._checking_backends()
+        return await self._run_backends(turn, check, backends)
 
     async def _run_backends(
-        self, turn: Turn, check: Callable[[Backend], Coroutine[Any, Any, Verdict | None]]
+        self,
+        turn: Turn,
+        check: Callable[[Backend], Coroutine[Any, Any, Verdict | None]],
+        backends: Sequence[Backend] | None = None,
     ) -> list[Verdict]:
         timeout = self._settings.timeout
         remaining = turn.remaining()
@@ -630,7 +805,8 @@ class GuardrailsStage:
                 return None
             return attrs.evolve(verdict, plugin=STAGE)
 
-        results = await asyncio.gather(*(one(b) for b in self._backends))
+        chosen = self._backends if backends is None else backends
+        results = await asyncio.gather(*(one(b) for b in chosen))
         return [v for v in results if v is not None]
 
     async def _provider_verdicts(
@@ -727,6 +903,86 @@ async def _ready(verdicts: list[Verdict]) -> list[Verdict]:
     return verdicts
 
 
+#: Reason prefix of the retry that calls a route directly when the guardrails server is down.
+_FAIL_OPEN_RETRY = "guardrails server unavailable, fail_open"
+
+
+#: How NeMo Guardrails 0.24 words the error chunk that ends a stream its output rail blocked.
+_STREAM_BLOCK = re.compile(r"Blocked by (?P<rail>[^.]+?) rails\.")
+
+
+def _streamed_block_rail(message: str) -> str | None:
+    """The rail that cut a streamed guarded generation, from the error it ended with."""
+    found = _STREAM_BLOCK.search(message)
+    return found["rail"] if found else None
+
+
+def _is_generation_route(route: Route) -> bool:
+    return isinstance(route.extra_body.get("guardrails"), Mapping)
+
+
+def _generation_log(response: Response) -> Mapping[str, Any] | None:
+    """The ``guardrails`` object of a guarded generation's reply, if it has one."""
+    data = response.extra.get("guardrails")
+    return data if isinstance(data, Mapping) else None
+
+
+def _rail_latency(rail: Mapping[str, Any]) -> float:
+    duration = rail.get("duration")
+    if isinstance(duration, (int, float)):
+        return float(duration)
+    total = 0.0
+    for action in rail.get("executed_actions") or ():
+        if isinstance(action, Mapping) and isinstance(action.get("duration"), (int, float)):
+            total += float(action["duration"])
+    return total
+
+
+def _generation_verdicts(guardrails: Mapping[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
+    """Input and output verdicts from a guarded generation's ``guardrails`` object.
+
+    One verdict per activated input or output rail (``block`` when it
+    stopped the turn); a rail named by ``output_data.triggered_input_rail`` /
+    ``triggered_output_rail`` but missing from the log blocks too.
+    """
+    kinds: dict[str, list[Verdict]] = {"input": [], "output": []}
+    log = guardrails.get("log")
+    rails = log.get("activated_rails") if isinstance(log, Mapping) else None
+    for rail in rails or ():
+        if not isinstance(rail, Mapping) or rail.get("type") not in kinds:
+            continue
+        kind = str(rail["type"])
+        stopped = bool(rail.get("stop"))
+        kinds[kind].append(
+            Verdict(
+                rule=str(rail.get("name") or (INPUT_RAILS if kind == "input" else OUTPUT_RAILS)),
+                decision="block" if stopped else "pass",
+                plugin=STAGE,
+                backend=GENERATION_BACKEND,
+                latency=_rail_latency(rail),
+                detail=f"{kind} blocked" if stopped else "",
+            )
+        )
+    data = guardrails.get("output_data")
+    for kind in ("input", "output"):
+        triggered = data.get(f"triggered_{kind}_rail") if isinstance(data, Mapping) else None
+        if not triggered:
+            continue
+        verdicts = kinds[kind]
+        if any(v.rule == triggered and v.decision == "block" for v in verdicts):
+            continue
+        verdicts.append(
+            Verdict(
+                rule=str(triggered),
+                decision="block",
+                plugin=STAGE,
+                backend=GENERATION_BACKEND,
+                detail=f"{kind} blocked",
+            )
+        )
+    return kinds["input"], kinds["output"]
+
+
 async def _input_check(backend: Backend, *, text: str, model: str) -> Verdict | None:
     return await backend.check_input(text, model)
 
@@ -776,6 +1032,34 @@ class _ToolCallGuard:
         if response is None or not response.tool_calls:
             return None
         return await self.stage.check_tool_calls(turn, response.tool_calls, pipeline)
+
+
+@attrs.define
+class _GenerationGuard:
+    """Sends model calls through the NeMo Guardrails server and reads its rails' log.
+
+    Registered as ``guardrails.generation`` with ``approach = "generation"``.
+    """
+
+    stage: GuardrailsStage
+
+    @hookimpl(trylast=True)
+    def before_call(
+        self, turn: Turn, route: Route, attempt: Attempt, pipeline: Pipeline
+    ) -> Route | None:
+        return self.stage.generation_route(route, attempt)
+
+    @hookimpl
+    async def on_response(
+        self,
+        turn: Turn,
+        route: Route,
+        response: Response | None,
+        error: ProviderError | None,
+        attempt: Attempt,
+        pipeline: Pipeline,
+    ) -> Block | Retry | None:
+        return await self.stage.judge_generation(turn, route, response, error, pipeline)
 
 
 def create_plugin() -> GuardrailsStage:
