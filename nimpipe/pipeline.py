@@ -58,6 +58,9 @@ from nimpipe.types import (
 
 __all__ = ["AsyncTurnStream", "CancelToken", "Pipeline", "TurnStream"]
 
+#: Route flag: call this route without streaming (the caller may still stream).
+NO_STREAM = "no-stream"
+
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _STRENGTH = {Block: 4, Escalate: 3, Retry: 2, Accept: 1}
 
@@ -910,7 +913,7 @@ class Pipeline:
                 started = time.time()
                 partial: list[str] = []
                 try:
-                    if streaming:
+                    if streaming and NO_STREAM not in route.flags:
                         async for item in self._stream_once(
                             turn,
                             route,
@@ -961,9 +964,14 @@ class Pipeline:
                                 )
                                 yield response_or_block
                                 return
-                            yield response_or_block
-                            return
-                        yield await mode.complete(route, turn, timeout)
+                            response = response_or_block
+                        else:
+                            response = await mode.complete(route, turn, timeout)
+                        if streaming and not hold and response.text:
+                            # A route that does not stream still streams to the caller.
+                            released.append(response.text)
+                            yield response.text
+                        yield response
                         return
                 except ProviderError as exc:
                     retrying = (

@@ -553,6 +553,7 @@ def _stream_error(exc: BaseException, route: Route, asm: StreamAssembler) -> Pro
             route=route,
             status_code=error.status_code,
             retry_after=error.retry_after,
+            body=error.body,
         )
         error.partial = asm.text  # type: ignore[attr-defined]
     return error

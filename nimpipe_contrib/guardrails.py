@@ -56,6 +56,7 @@ import attrs
 
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError, NimpipeError
+from nimpipe.pipeline import NO_STREAM
 from nimpipe.types import (
     Block,
     Deferred,
@@ -675,6 +676,8 @@ class GuardrailsStage:
             api_key=Secret(key) if key else None,
             api_key_env=settings.api_key_env,
             extra_body={**route.extra_body, **settings.generation_body()},
+            # Only a non-streamed reply carries the server's rails log.
+            flags=route.flags | {NO_STREAM},
         )
 
     async def judge_generation(

@@ -733,3 +733,14 @@ def test_streamed_turn_blocked_by_deferred_check_does_not_wait_for_the_model(
     assert time.perf_counter() - started < 10.0, "the block raced the model's first token"
     assert result.blocked is not None and chunks == [result.blocked.message]
     assert [r.outcome for r in ledger.records] == ["cancelled"]
+
+
+def test_no_stream_route_still_streams_to_the_caller(nim_server: Any, make_pipeline: Any) -> None:
+    from nimpipe.pipeline import NO_STREAM
+
+    ledger = Ledger()
+    pipeline = make_pipeline(routes=[route_for(nim_server, flags={NO_STREAM})], plugins=[ledger])
+    stream = pipeline.stream(Turn.create("one two three"))
+    assert list(stream) == ["NIM reply to: one two three"]
+    assert [r.body.get("stream") for r in nim_server.requests] == [None]
+    assert ledger.records[0].usage_source == "server"
