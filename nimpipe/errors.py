@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nimpipe.types import Block, Route
+    from nimpipe.types import Block, Route, Turn
 
 __all__ = [
     "AuthenticationError",
@@ -119,6 +119,10 @@ class ProviderError(NimpipeError):
     """
 
     transient: bool = False
+    #: The turn as it passed the input checks before the call failed (its
+    #: rewritten input included), or ``None``: retry it with
+    #: ``pipeline.run(error.checked_turn, input_checked=True)``.
+    checked_turn: Turn | None = None
 
     def __init__(
         self,

@@ -152,6 +152,8 @@ class _TurnLog:
     verdicts: list[Verdict] = attrs.field(factory=list)
     #: How many verdicts are already attached to a record.
     attached: int = 0
+    #: The turn as it passed every input check (``None`` until it has).
+    checked_turn: Turn | None = None
 
 
 @attrs.frozen
@@ -332,27 +334,39 @@ class Pipeline:
     # entry points
     # ------------------------------------------------------------------
 
-    def run(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnResult:
-        """Run a turn to completion, blocking.  Blocks are returned, not raised."""
+    def run(
+        self, turn: Turn, *, cancel: CancelToken | None = None, input_checked: bool = False
+    ) -> TurnResult:
+        """Run a turn to completion, blocking.  Blocks are returned, not raised.
+
+        ``input_checked=True`` skips ``pre_input``: pass it only with the
+        ``checked_turn`` of a :class:`ProviderError` from an earlier try of
+        the same input (a retry must not check, or redact, the input twice).
+        """
         self._refuse_inside_loop("run")
         result = None
-        for item in _sync.drive_iter(self._events(turn, self._mode(False), False, cancel)):
+        events = self._events(turn, self._mode(False), False, cancel, input_checked)
+        for item in _sync.drive_iter(events):
             if isinstance(item, TurnResult):
                 result = item
         assert result is not None
         return result
 
-    async def arun(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnResult:
-        """Run a turn to completion on the running event loop."""
+    async def arun(
+        self, turn: Turn, *, cancel: CancelToken | None = None, input_checked: bool = False
+    ) -> TurnResult:
+        """Run a turn to completion on the running event loop (see :meth:`run`)."""
         result = None
         async with _cancel_scope(cancel):
-            async for item in self._events(turn, self._mode(True), False, cancel):
+            async for item in self._events(turn, self._mode(True), False, cancel, input_checked):
                 if isinstance(item, TurnResult):
                     result = item
         assert result is not None
         return result
 
-    def stream(self, turn: Turn, *, cancel: CancelToken | None = None) -> TurnStream:
+    def stream(
+        self, turn: Turn, *, cancel: CancelToken | None = None, input_checked: bool = False
+    ) -> TurnStream:
         """Stream a turn: iterate the returned object for text; ``.result`` after the end.
 
         While any ``post_output`` or ``on_response`` stage (or a deferred input
@@ -361,11 +375,15 @@ class Pipeline:
         ``sentence`` each sentence is released once it passed.
         """
         self._refuse_inside_loop("stream")
-        return TurnStream(_sync.drive_iter(self._events(turn, self._mode(False), True, cancel)))
+        events = self._events(turn, self._mode(False), True, cancel, input_checked)
+        return TurnStream(_sync.drive_iter(events))
 
-    def astream(self, turn: Turn, *, cancel: CancelToken | None = None) -> AsyncTurnStream:
+    def astream(
+        self, turn: Turn, *, cancel: CancelToken | None = None, input_checked: bool = False
+    ) -> AsyncTurnStream:
         """Stream a turn on the running event loop (``async for``); see :meth:`stream`."""
-        return AsyncTurnStream(self._events(turn, self._mode(True), True, cancel), cancel)
+        events = self._events(turn, self._mode(True), True, cancel, input_checked)
+        return AsyncTurnStream(events, cancel)
 
     async def amap(
         self,
@@ -460,7 +478,12 @@ class Pipeline:
     # ------------------------------------------------------------------
 
     async def _events(
-        self, turn: Turn, mode: _Mode, streaming: bool, cancel: CancelToken | None
+        self,
+        turn: Turn,
+        mode: _Mode,
+        streaming: bool,
+        cancel: CancelToken | None,
+        input_checked: bool = False,
     ) -> AsyncGenerator[str | TurnResult, None]:
         if self._closed:
             raise NimpipeError("the pipeline is closed")
@@ -469,8 +492,13 @@ class Pipeline:
         log = _TurnLog()
         token = _current_log.set(log)
         try:
-            async for item in self._turn(turn, mode, streaming, cancel, log):
+            async for item in self._turn(turn, mode, streaming, cancel, log, input_checked):
                 yield item
+        except ProviderError as exc:
+            # Tell a caller that retries the whole turn which input already passed.
+            if exc.checked_turn is None:
+                exc.checked_turn = log.checked_turn
+            raise
         finally:
             with contextlib.suppress(ValueError):
                 _current_log.reset(token)
@@ -494,13 +522,18 @@ class Pipeline:
         streaming: bool,
         cancel: CancelToken | None,
         log: _TurnLog,
+        input_checked: bool = False,
     ) -> AsyncGenerator[str | TurnResult, None]:
         plugins = self.plugins
         _check(turn, cancel)
 
         # Phase 1: input (only when the user spoke last: tool rounds skip it).
         deferred: tuple[Deferred, ...] = ()
-        if turn.messages[-1].role is Role.USER and plugins.has_impls("pre_input"):
+        if (
+            not input_checked
+            and turn.messages[-1].role is Role.USER
+            and plugins.has_impls("pre_input")
+        ):
             turn, block, deferred = await self._pre_input(turn, mode, log)
             if block is not None:
                 if streaming:
@@ -516,6 +549,9 @@ class Pipeline:
                     yield self._blocked(turn, block, log)
                     return
             deferred = ()
+        if not deferred:
+            # Every input check has passed: a retry of this turn may skip them.
+            log.checked_turn = turn
 
         judged = plugins.has_impls("on_response")
         checked_output = plugins.has_impls("post_output")

@@ -744,3 +744,27 @@ def test_no_stream_route_still_streams_to_the_caller(nim_server: Any, make_pipel
     assert list(stream) == ["NIM reply to: one two three"]
     assert [r.body.get("stream") for r in nim_server.requests] == [None]
     assert ledger.records[0].usage_source == "server"
+
+
+def test_a_retried_turn_skips_the_input_checks_it_passed(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    seen: list[str] = []
+
+    class Redactor:
+        @hookimpl
+        def pre_input(self, turn: Turn) -> Turn:
+            seen.append(turn.last_user_text)
+            return attrs.evolve(
+                turn, messages=[Message.user(turn.last_user_text.replace("4111", "[card]"))]
+            )
+
+    pipeline = make_pipeline(routes=[route_for(nim_server, max_retries=0)], plugins=[Redactor()])
+    nim_server.inject("status", count=1, status=503)
+    with pytest.raises(nimpipe.UnavailableError) as info:
+        pipeline.run(Turn.create("card 4111"))
+    checked = info.value.checked_turn
+    assert checked is not None and checked.last_user_text == "card [card]"
+    result = pipeline.run(checked, input_checked=True)
+    assert result.text == "NIM reply to: card [card]"
+    assert seen == ["card 4111"], "the input was checked once"

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from nimpipe.jaato._pipelines import Settings, SharedPipeline
     from nimpipe.pipeline import CancelToken
-    from nimpipe.types import Route, Turn, TurnResult
+    from nimpipe.types import Message, Route, Turn, TurnResult
 
 __all__ = ["PROVIDER_NAME", "NimpipeProvider", "create_provider"]
 
@@ -137,6 +137,8 @@ class NimpipeProvider:
         self._model_override: str | None = None
         self._last_route: Route | None = None
         self._last_usage: Any = None
+        #: After a transient failure: the messages asked and the turn as it passed the input checks.
+        self._retry: tuple[tuple[Message, ...], Turn] | None = None
         self._api_params: dict[str, Any] = {}
         self._turn_timeout: float | None = None
         self._agent_type = "main"
@@ -367,15 +369,25 @@ class NimpipeProvider:
 
         if self._shared is None:
             raise RuntimeError("nimpipe provider is not connected: call initialize() and connect()")
+        import attrs
+
         pipeline = self._shared.pipeline
         turn = self._turn(messages, system_instruction, tools, response_schema, tool_choice)
+        asked = turn.messages
+        # jaato retries a transiently failed call with the same messages: run the
+        # input as it passed the checks then, instead of checking it again.
+        retry, self._retry = self._retry, None
+        checked = retry is not None and retry[0] == asked
+        if checked:
+            assert retry is not None
+            turn = attrs.evolve(retry[1], id=turn.id, deadline=turn.deadline)
         cancel = _bridge_cancel(cancel_token)
         released: list[str] = []
 
         def run() -> TurnResult:
             if on_chunk is None:
-                return pipeline.run(turn, cancel=cancel)
-            stream = pipeline.stream(turn, cancel=cancel)
+                return pipeline.run(turn, cancel=cancel, input_checked=checked)
+            stream = pipeline.stream(turn, cancel=cancel, input_checked=checked)
             try:
                 for chunk in stream:
                     released.append(chunk)
@@ -393,6 +405,8 @@ class NimpipeProvider:
             raise
         except ProviderError as exc:
             if exc.transient:
+                if exc.checked_turn is not None:
+                    self._retry = (asked, exc.checked_turn)
                 raise
             return JaatoTurnResult.from_exception(exc)
         except NimpipeError as exc:

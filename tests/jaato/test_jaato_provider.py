@@ -231,6 +231,28 @@ def test_jaato_with_retry_retries_a_transient_failure(
     assert server.count() == 5
 
 
+def test_a_retry_by_jaato_does_not_check_the_input_again(server: Any) -> None:
+    from shared.retry_utils import RetryConfig, with_retry
+
+    counter = Counter()
+    nimpipe_jaato.register_plugin(counter, "counter")
+    try:
+        provider = connected()
+        server.inject("status", status=503, count=4)
+        config = RetryConfig(max_attempts=3, base_delay=0.001, silent=True)
+        result, stats = with_retry(
+            lambda: provider.complete([Message.from_text(Role.USER, "hi")]),
+            config=config,
+            provider=provider,
+        )
+    finally:
+        nimpipe_jaato.unregister_plugin("counter")
+    assert result.text == "NIM reply to: hi" and stats.attempts == 2
+    assert len(counter.inputs) == 1, "pre_input ran once across jaato's retries"
+    assert len(counter.records) == 5, "every model call is still recorded"
+    assert len(counter.outputs) == 1
+
+
 def test_fatal_errors_are_returned_as_jaato_expects(server: Any) -> None:
     provider = connected()
     server.inject("auth", count=1)
