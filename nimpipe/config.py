@@ -43,6 +43,7 @@ import attrs
 
 from nimpipe.errors import ConfigError
 from nimpipe.hosts import host_of, is_private_address
+from nimpipe.redaction import API_KEY
 from nimpipe.types import Price, Route, Secret
 
 __all__ = ["HOSTED_NIM_URL", "Config", "find_config_file"]
@@ -220,7 +221,9 @@ def _refuse_secrets(reader: FieldReader, prefix: str, table: Mapping[str, Any]) 
                 "API keys are never written in config files: name the environment "
                 'variable that holds it instead, e.g. api_key_env = "NVIDIA_API_KEY"',
             )
-        if isinstance(value, str) and value.startswith(("nvapi-", "sk-")):
+        if isinstance(value, str) and (
+            value.startswith(("nvapi-", "sk-")) or API_KEY.search(value)
+        ):
             raise reader.fail(
                 f"{prefix}{key}",
                 "looks like an API key; keys are never written in config files (use api_key_env)",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nimpipe.redaction import scrub
+
 if TYPE_CHECKING:
     from nimpipe.types import Block, Route, Turn
 
@@ -137,6 +139,8 @@ class ProviderError(NimpipeError):
         self.status_code = status_code
         self.retry_after = retry_after
         self.body = body
+        # A server may echo the key it refused: never carry it in the message.
+        message = scrub(message, [route.api_key.reveal()] if route and route.api_key else [])
         #: The message without the route prefix.
         self.message = message
         where = f"route {route.name!r}: " if route is not None else ""

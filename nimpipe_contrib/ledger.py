@@ -75,6 +75,7 @@ import attrs
 
 from nimpipe._markers import hookimpl, hookspec
 from nimpipe.errors import ConfigError, NimpipeError
+from nimpipe.redaction import scrub
 from nimpipe.types import CallRecord
 from nimpipe_contrib import pricing
 from nimpipe_contrib._ledger_store import (
@@ -136,10 +137,6 @@ _GROUP_COLUMNS = {
     "day": ("day",),
 }
 _NANO = 1_000_000_000
-#: Key-shaped strings scrubbed from every text column (error messages may echo a key).
-_SECRET = re.compile(
-    r"(nvapi-[A-Za-z0-9_\-]{4,}|sk-[A-Za-z0-9_\-]{8,}|(?i:bearer)\s+[A-Za-z0-9._\-]{8,})"
-)
 
 
 def default_path() -> Path:
@@ -150,9 +147,8 @@ def default_path() -> Path:
 
 
 def _scrub(text: str | None) -> str | None:
-    if not text:
-        return text
-    return _SECRET.sub("***", text)
+    """Key-shaped strings masked: error messages may echo a key."""
+    return scrub(text) if text else text
 
 
 # --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import attrs
 
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError
+from nimpipe.redaction import API_KEY
 from nimpipe.types import Block, Output, Role, ToolCall, Turn, Verdict
 from nimpipe_contrib.guardrails_hooks import VerdictLog, declare_hooks, publish_verdict
 
@@ -71,18 +72,7 @@ _PLACEHOLDERS: Mapping[str, str] = {
 }
 
 _PATTERNS: Mapping[str, re.Pattern[str]] = {
-    "api_key": re.compile(
-        r"(?<![\w-])(?:"
-        r"sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"
-        r"|nvapi-[A-Za-z0-9_-]{20,}"
-        r"|gh[pousr]_[A-Za-z0-9]{30,}"
-        r"|github_pat_[A-Za-z0-9_]{30,}"
-        r"|xox[abprs]-[A-Za-z0-9-]{10,}"
-        r"|AKIA[0-9A-Z]{16}"
-        r"|AIza[0-9A-Za-z_-]{35}"
-        r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
-        r")(?![\w-])"
-    ),
+    "api_key": API_KEY,
     "email": re.compile(
         r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
     ),

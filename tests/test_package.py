@@ -124,3 +124,45 @@ def test_bad_config_exit_code(tmp_path: Path) -> None:
     done = cli("config", cwd=tmp_path)
     assert done.returncode == 2
     assert "nimpipe.toml: key 'max_attempts': must be an integer" in done.stderr
+
+
+def test_no_credentials_are_committed() -> None:
+    """Every tracked file is free of credential-shaped strings (tests build fake ones at run time)."""
+    import shutil
+
+    from nimpipe.redaction import API_KEY
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        import pytest
+
+        pytest.skip("not a git checkout")
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True, timeout=60
+    ).stdout.split(b"\0")
+    found = []
+    for name in filter(None, files):
+        path = root / name.decode()
+        if path.is_symlink() or not path.is_file():
+            continue
+        text = path.read_bytes().decode("utf-8", "replace")
+        found += [f"{name.decode()}: {m.group()[:12]}..." for m in API_KEY.finditer(text)]
+    assert found == []
+
+
+def test_errors_never_carry_the_key() -> None:
+    from nimpipe.errors import AuthenticationError
+    from nimpipe.types import Route, Secret
+
+    key = "nvapi-" + "k" * 24
+    route = Route(name="r", base_url="http://127.0.0.1:1/v1", model="m", api_key=Secret(key))
+    error = AuthenticationError(f"Incorrect API key provided: {key}; Bearer {key}", route=route)
+    short = AuthenticationError(
+        "bad key nvapi-abc123",
+        route=Route(
+            name="r", base_url="http://127.0.0.1:1/v1", model="m", api_key=Secret("nvapi-abc123")
+        ),
+    )
+    for text in (str(error), repr(error), error.message, str(short)):
+        assert "kkkk" not in text and "abc123" not in text
+    assert "***" in str(error)

@@ -25,11 +25,12 @@ SAMPLES = {
     "card": ["4111 1111 1111 1111", "5500-0000-0000-0004", "378282246310005"],
     "iban": ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432"],
     "ssn": ["123-45-6789"],
+    # Built here, not written out, so that no credential-shaped literal is committed.
     "api_key": [
-        "sk-proj-abcdefghijklmnopqrstuvwxyz0123",
-        "nvapi-AbCdEfGhIjKlMnOpQrStUvWxYz012345",
-        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
-        "AKIAIOSFODNN7EXAMPLE",
+        "sk-proj-" + "x" * 28,
+        "nvapi-" + "Fake" * 8,
+        "ghp_" + "0" * 36,
+        "AKIA" + "EXAMPLE0" * 2,
     ],
 }
 
