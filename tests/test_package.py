@@ -127,7 +127,7 @@ def test_bad_config_exit_code(tmp_path: Path) -> None:
 
 
 def test_no_credentials_are_committed() -> None:
-    """Every tracked file is free of credential-shaped strings (tests build fake ones at run time)."""
+    """No tracked file holds a credential-shaped string (tests build fake ones at run time)."""
     import shutil
 
     from nimpipe.redaction import API_KEY
