@@ -555,10 +555,4 @@ def _stream_error(exc: BaseException, route: Route, asm: StreamAssembler) -> Pro
             retry_after=error.retry_after,
             body=error.body,
         )
-        error.partial = asm.text  # type: ignore[attr-defined]
     return error
-
-
-def dumps_arguments(arguments: Any) -> str:
-    """Tool-call arguments as the JSON string the OpenAI format carries."""
-    return arguments if isinstance(arguments, str) else json.dumps(arguments)
