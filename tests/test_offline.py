@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,9 @@ def test_offline_turns_reach_only_loopback(nim_server: Any, offline_mode: None) 
         assert offline.is_enforced()
         for i in range(5):
             result = pipeline.run(Turn.create(f"q{i}"))
-            assert result.route.name == "local", "the hosted route is not used offline"
+            assert result.route is not None and result.route.name == "local", (
+                "the hosted route is not used offline"
+            )
     counts = offline.stats()
     assert counts and all(key.startswith("allowed:127.0.0.1") for key in counts), counts
 
@@ -263,3 +268,191 @@ def test_full_stages_offline_reach_only_loopback(tmp_path: Path) -> None:
     assert data["stats"] and all(key.startswith("allowed:127.0.0.1") for key in data["stats"]), (
         data["stats"]
     )
+
+
+#: A child process in offline mode that tries every way of sending a datagram,
+#: connecting and resolving a name, and reports what happened to each attempt.
+_ATTEMPTS = textwrap.dedent("""
+    import asyncio, json, socket, sys, time
+    from nimpipe import offline
+    from nimpipe.errors import OfflineError
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    offline.enforce()
+
+    def udp(family=socket.AF_INET):
+        return socket.socket(family, socket.SOCK_DGRAM)
+
+    def connected_udp(address):
+        sock = udp()
+        sock.connect(address)
+        return sock.send(b"connected:" + address[0].encode())
+
+    async def datagram_transport():
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        transport.sendto(b"transport:8.8.4.4", ("8.8.4.4", 53))  # refused inside asyncio
+        await asyncio.sleep(0)
+        transport.close()
+
+    async def asyncio_lookup(host):
+        return await asyncio.get_running_loop().getaddrinfo(host, 53)
+
+    async def asyncio_datagram(remote):
+        await asyncio.get_running_loop().create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=remote)
+
+    refused = {
+        "sendto public": lambda: udp().sendto(b"8.8.8.8", ("8.8.8.8", 53)),
+        "sendto flags": lambda: udp().sendto(b"1.1.1.1", 0, ("1.1.1.1", 53)),
+        "sendto v6": lambda: udp(socket.AF_INET6).sendto(b"v6", ("2001:4860:4860::8888", 53)),
+        "sendto mapped": lambda: udp(socket.AF_INET6).sendto(b"m", ("::ffff:8.8.8.8", 53)),
+        "sendto name": lambda: udp().sendto(b"example.com", ("example.com", 53)),
+        "sendto x.localhost": lambda: udp().sendto(b"x.localhost", ("x.localhost", port)),
+        "sendmsg public": lambda: udp().sendmsg([b"9.9.9.9"], [], 0, ("9.9.9.9", 53)),
+        "sendmsg name": lambda: udp().sendmsg([b"example.org"], [], 0, ("example.org", 53)),
+        "udp connect public": lambda: connected_udp(("8.8.8.8", 53)),
+        "udp connect name": lambda: connected_udp(("example.net", 53)),
+        "udp connect x.localhost": lambda: connected_udp(("x.localhost", port)),
+        "udp connect_ex": lambda: udp().connect_ex(("8.8.8.8", 53)),
+        "tcp connect name": lambda: socket.socket().connect(("example.com", 443)),
+        "tcp create_connection": lambda: socket.create_connection(("example.com", 443), 30),
+        "bind name": lambda: udp().bind(("example.com", 0)),
+        "getaddrinfo": lambda: socket.getaddrinfo("example.com", 443),
+        "getaddrinfo bytes": lambda: socket.getaddrinfo(b"example.com", 443),
+        "getaddrinfo x.localhost": lambda: socket.getaddrinfo("x.localhost", 80),
+        "getaddrinfo a.b.localhost": lambda: socket.getaddrinfo("a.b.localhost", 80),
+        "gethostbyname": lambda: socket.gethostbyname("example.com"),
+        "gethostbyname x.localhost": lambda: socket.gethostbyname("x.localhost"),
+        "gethostbyname_ex": lambda: socket.gethostbyname_ex("example.com"),
+        "gethostbyaddr": lambda: socket.gethostbyaddr("8.8.8.8"),
+        "gethostbyaddr name": lambda: socket.gethostbyaddr("example.com"),
+        "gethostbyaddr unlisted loopback": lambda: socket.gethostbyaddr("127.0.0.99"),
+        "getnameinfo": lambda: socket.getnameinfo(("8.8.8.8", 53), 0),
+        "getfqdn": lambda: socket.getfqdn("example.com"),
+        "asyncio getaddrinfo": lambda: asyncio.run(asyncio_lookup("example.com")),
+        "asyncio datagram": lambda: asyncio.run(asyncio_datagram(("8.8.8.8", 53))),
+    }
+    allowed = {
+        "sendto 127.0.0.1": lambda: udp().sendto(b"127.0.0.1", ("127.0.0.1", port)),
+        "sendto localhost": lambda: udp().sendto(b"localhost", ("localhost", port)),
+        "sendmsg 127.0.0.1": lambda: udp().sendmsg([b"sendmsg"], [], 0, ("127.0.0.1", port)),
+        "udp connect 127.0.0.1": lambda: connected_udp(("127.0.0.1", port)),
+        "getaddrinfo localhost": lambda: socket.getaddrinfo("localhost", port),
+        "gethostbyaddr 127.0.0.1": lambda: socket.gethostbyaddr("127.0.0.1"),
+    }
+    results = {}
+    for name, attempt in refused.items():
+        started = time.monotonic()
+        try:
+            attempt()
+            results[name] = {"outcome": "allowed"}
+        except OfflineError as exc:
+            results[name] = {"outcome": "refused", "host": exc.host, "message": str(exc)}
+        except Exception as exc:
+            results[name] = {"outcome": f"{type(exc).__name__}: {exc}"}
+        results[name]["seconds"] = time.monotonic() - started
+    for name, attempt in allowed.items():
+        attempt()
+    asyncio.run(datagram_transport())
+    received = []
+    while True:
+        try:
+            received.append(listener.recv(100).decode())
+        except TimeoutError:
+            break
+    print(json.dumps({"results": results, "received": sorted(received),
+                      "stats": offline.stats()}))
+""")
+
+
+def _run_attempts(tmp_path: Path, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "attempts.py"
+    script.write_text(_ATTEMPTS)
+    return subprocess.run(
+        [*prefix, sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path)},
+        cwd=tmp_path,
+        timeout=120,
+    )
+
+
+def test_udp_and_every_resolver_call_are_refused_at_once(tmp_path: Path) -> None:
+    """Datagrams, connects (UDP too) and every lookup: refused naming host and caller;
+    the loopback listener receives only what was sent to loopback."""
+    done = _run_attempts(tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in data["results"].items():
+        assert result["outcome"] == "refused", (name, result)
+        assert result["host"] and result["host"] in result["message"], (name, result)
+        if name.startswith("asyncio getaddrinfo"):  # resolved in an executor thread
+            assert "caller: unknown, in thread asyncio_" in result["message"], result
+        else:
+            assert "caller: __main__." in result["message"], (name, result)
+        assert result["seconds"] < 1.0, (name, result)  # at once: no DNS timeout, no hang
+    by_name = data["results"]
+    assert by_name["sendto name"]["host"] == "example.com"
+    assert by_name["sendto mapped"]["host"] == "::ffff:8.8.8.8"
+    assert by_name["getaddrinfo x.localhost"]["host"] == "x.localhost"
+    assert "is not in" in by_name["getaddrinfo x.localhost"]["message"]
+    assert by_name["gethostbyaddr unlisted loopback"]["host"] == "127.0.0.99"
+    # What reached the listener: the loopback sends and nothing else.
+    assert data["received"] == sorted(["127.0.0.1", "localhost", "sendmsg", "connected:127.0.0.1"])
+    stats = data["stats"]
+    allowed = {key for key in stats if key.startswith("allowed:")}
+    assert allowed == {"allowed:127.0.0.1", "allowed:localhost"}, stats
+    for host in ("8.8.8.8", "8.8.4.4", "9.9.9.9", "example.com", "x.localhost", "127.0.0.99"):
+        assert stats.get(f"refused:{host}", 0) >= 1, (host, stats)
+
+
+_STRACE_ADDRESS = re.compile(r'inet_addr\("([^"]+)"\)|inet_pton\(AF_INET6, "([^"]+)"')
+
+
+def test_no_packet_leaves_at_the_os_level(tmp_path: Path) -> None:
+    """The same attempts under strace: every connect/sendto/sendmsg the kernel sees goes to
+    loopback (the DNS server included: not one query leaves)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    trace = tmp_path / "strace.txt"
+    done = _run_attempts(
+        tmp_path, [strace, "-f", "-e", "trace=connect,sendto,sendmsg,sendmmsg", "-o", str(trace)]
+    )
+    if done.returncode != 0 and "ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(r["outcome"] == "refused" for r in data["results"].values()), data["results"]
+    addresses = []
+    for line in trace.read_text().splitlines():
+        for v4, v6 in _STRACE_ADDRESS.findall(line):
+            addresses.append(v4 or v6)
+    # The trace sees traffic: the datagrams sent to the loopback listener are in it.
+    assert addresses.count("127.0.0.1") >= 3, trace.read_text()[-2000:]
+    leaving = [a for a in addresses if not ipaddress.ip_address(a).is_loopback]
+    assert leaving == [], leaving
+
+
+def test_addresses_of_allowed_names_are_allowed(offline_mode: None, monkeypatch: Any) -> None:
+    """A self-hosted route named by DNS: the addresses its name resolved to may be reached,
+    other addresses may not (audit events raised by hand: nothing is sent)."""
+    import socket
+
+    offline.enforce(["nim.internal"])
+    answer = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 8000))]
+    monkeypatch.setattr(offline, "_real_getaddrinfo", lambda *args, **kwargs: answer)
+    assert socket.getaddrinfo("nim.internal", 8000) == answer
+    sys.audit("socket.connect", None, ("10.1.2.3", 8000))
+    with pytest.raises(OfflineError, match=r"10\.1\.2\.4"):
+        sys.audit("socket.connect", None, ("10.1.2.4", 8000))
+    assert offline.stats() == {"allowed:10.1.2.3": 1, "refused:10.1.2.4": 1}
+    offline.enforce()  # a new allowed set forgets what the old one resolved to
+    with pytest.raises(OfflineError):
+        sys.audit("socket.connect", None, ("10.1.2.3", 8000))
