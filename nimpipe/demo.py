@@ -18,11 +18,11 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from nimpipe.types import Route, Turn
+from nimpipe.types import FinishReason, Route, Turn
 
 #: Where the demo cassette was recorded (``--record`` serves the servers here).
 LLAMA_PORT = 18080
@@ -34,6 +34,8 @@ NIM_MODEL = "meta/llama-3.1-8b-instruct"
 NIM_LOADING = 3.0
 #: Request settings that make the small model's answers short and repeatable.
 PARAMS = {"temperature": 0.0, "seed": 7}
+#: Characters of a fan-out answer shown on its line.
+ANSWER_WIDTH = 70
 
 
 def default_cassette(*, recording: bool = False) -> Path:
@@ -161,9 +163,10 @@ def _catalog_and_readiness(llama_url: str, nim_url: str, tmp: Path, *, replay: b
         snapshot = wait_until_ready(
             container,
             timeout=60,
-            progress=lambda line: _say(f"   {line}"),
+            progress=_Changes(lambda line: _say(f"   {line}")),
             interval=0.01 if replay else 0.5,
-            progress_every=0.0 if replay else 1.0,
+            # At most one line a second of real waiting (a replay waits for none).
+            progress_every=1.0,
         )
         _say(f"   {container.base_url}: {snapshot.state.value}")
 
@@ -236,7 +239,8 @@ def _guarded_cascade_fanout_cost(llama_url: str, tmp: Path) -> None:
             for verdict in result.verdicts:
                 _say(f"   - verdict {verdict.rule}: {verdict.decision} ({verdict.plugin})")
             route = result.route.name if result.route else "-"
-            _say(f"   answer ({route}, {len(result.records)} model calls): {result.text.strip()}")
+            answer = shown(result.text, cut=result.finish_reason is FinishReason.LENGTH)
+            _say(f"   answer ({route}, {len(result.records)} model calls): {answer}")
 
         _title("fan-out: 6 subagent turns, 3 at a time")
         prompts = [
@@ -256,10 +260,12 @@ def _guarded_cascade_fanout_cost(llama_url: str, tmp: Path) -> None:
         started = time.perf_counter()
         results = pipeline.map(batch, concurrency=3, progress=_progress)
         for prompt, outcome in zip(prompts, results, strict=True):
-            text = (
-                f"error: {outcome}" if isinstance(outcome, NimpipeError) else outcome.text.strip()
-            )
-            _say(f"   {prompt:<16} -> {text[:70]}")
+            if isinstance(outcome, NimpipeError):
+                text = shown(f"error: {outcome}", width=ANSWER_WIDTH)
+            else:
+                cut = outcome.finish_reason is FinishReason.LENGTH
+                text = shown(outcome.text, cut=cut, width=ANSWER_WIDTH)
+            _say(f"   {prompt:<16} -> {text}")
         _say(f"   {len(batch)} turns in {time.perf_counter() - started:.1f} s")
 
         ledger_stage: Any = pipeline.plugins.pm.get_plugin("ledger")
@@ -271,6 +277,52 @@ def _guarded_cascade_fanout_cost(llama_url: str, tmp: Path) -> None:
         _title("cost table (by agent)")
         for line in format_report(ledger.report("agent"), "agent").splitlines():
             _say(f"   {line}")
+
+
+def shown(text: str, *, cut: bool = False, width: int | None = None) -> str:
+    """``text`` on one line, ending in ``…`` where it was cut.
+
+    ``cut`` says the model was stopped mid-answer (``max_tokens``): its last
+    word may be a fragment, so the text goes back to its last whole sentence,
+    else drops its last word.  ``width`` caps the length, cutting between words.
+    """
+    line = " ".join(text.split())
+    if cut:
+        line = _whole_sentences(line) or _without_last_word(line)
+    if width is not None and len(line) + 2 * cut > width:
+        line, cut = _within(line, width - 2), True
+    if not cut:
+        return line
+    return f"{line} …" if line.endswith((".", "!", "?")) else f"{line}…"
+
+
+def _whole_sentences(line: str) -> str:
+    ends = [i for i, char in enumerate(line) if char in ".!?" and line[i + 1 : i + 2] in ("", " ")]
+    return line[: ends[-1] + 1] if ends else ""
+
+
+def _without_last_word(line: str) -> str:
+    head, space, _ = line.rpartition(" ")
+    return head.rstrip(" ,;:") if space else line
+
+
+def _within(line: str, width: int) -> str:
+    head = line[: width + 1]  # one more: a space there means the cut falls between words
+    space = head.rfind(" ")
+    return (head[:space] if space > 0 else line[:width]).rstrip(" ,;:")
+
+
+class _Changes:
+    """A progress callback that passes a line on only when it differs from the last one."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self._say = say
+        self._last: str | None = None
+
+    def __call__(self, line: str) -> None:
+        if line != self._last:
+            self._last = line
+            self._say(line)
 
 
 def _progress(done: int, total: int) -> None:
