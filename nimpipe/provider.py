@@ -1,30 +1,46 @@
 """The OpenAI-compatible provider: one model call on one route.
 
 Hosted NIM, self-hosted NIM, llama.cpp, vLLM and Ollama are all routes of
-this one provider.  It makes exactly one HTTP request per call (the openai
-SDK's own retries are off); the pipeline owns retries, backoff and deadlines,
-so that every attempt is recorded.  Every failure comes out as a typed
-:class:`~nimpipe.errors.ProviderError`.
+this one provider.  It makes exactly one HTTP request per call; the pipeline
+owns retries, backoff and deadlines, so that every attempt is recorded.  Every
+failure comes out as a typed :class:`~nimpipe.errors.ProviderError`, and every
+reply is checked before anything of it reaches a stage: a reply that is not a
+valid completion (wrong types, impossible usage, a stream cut before it
+finished) is a :class:`~nimpipe.errors.MalformedReplyError`, never a bare
+``TypeError`` or a silently shortened answer.
 
-The openai SDK (2.x or 3.x) is imported on first use, never at import time.
+Requests go straight through httpx (see :mod:`nimpipe._http`): nimpipe builds
+the JSON body and reads the reply itself, in pieces, so that the turn's
+deadline and the size limits hold however slowly a server answers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import json
-import threading
+import math
 import time
-import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
 
 import attrs
 
+from nimpipe import __version__
+from nimpipe._http import (
+    MAX_ERROR_BYTES,
+    MAX_REPLY_BYTES,
+    Clients,
+    Clock,
+    SSEParser,
+    aiter_body,
+    iter_body,
+    timeout_for,
+)
 from nimpipe.errors import (
     AuthenticationError,
     ContextOverflowError,
+    DeadlineExceededError,
+    InvalidRequestError,
     MalformedReplyError,
     OfflineError,
     ProviderError,
@@ -32,12 +48,11 @@ from nimpipe.errors import (
     TimeoutError,
     UnavailableError,
 )
+from nimpipe.redaction import scrub
 from nimpipe.types import FinishReason, Response, Route, ToolCall, Turn, Usage
 
-if TYPE_CHECKING:
-    import asyncio
-
 __all__ = [
+    "MAX_USAGE_TOKENS",
     "OpenAIProvider",
     "StreamAssembler",
     "build_request",
@@ -52,8 +67,11 @@ _COMPLETION_FIELDS = frozenset(
     {"id", "object", "created", "model", "choices", "usage", "system_fingerprint", "service_tier"}
 )
 
-#: Placeholder key for endpoints that need none (the SDK insists on one).
-_NO_KEY = "no-key"
+#: A token count above this in a reply is impossible (no model has such a context).
+MAX_USAGE_TOKENS = 10**9
+
+#: Tool calls in one reply, and the highest streamed tool-call index, accepted.
+_MAX_TOOL_CALLS = 256
 
 _CONTEXT_MARKERS = (
     "context length",
@@ -64,9 +82,11 @@ _CONTEXT_MARKERS = (
     "exceeds the model",
 )
 
+_USER_AGENT = f"nimpipe/{__version__}"
+
 
 def build_request(route: Route, turn: Turn, *, stream: bool) -> dict[str, Any]:
-    """The keyword arguments of ``chat.completions.create`` for ``turn`` on ``route``."""
+    """The JSON body of a ``chat/completions`` request for ``turn`` on ``route``."""
     body: dict[str, Any] = {
         "model": turn.model or route.model,
         "messages": [m.to_openai() for m in turn.messages],
@@ -85,42 +105,98 @@ def build_request(route: Route, turn: Turn, *, stream: bool) -> dict[str, Any]:
     return body
 
 
-def _field(obj: Any, name: str) -> Any:
-    """``obj[name]`` for JSON mappings, ``obj.name`` for SDK objects."""
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
+def encode_request(body: Mapping[str, Any], route: Route) -> bytes:
+    """``body`` as UTF-8 JSON; input that cannot be sent is an :class:`InvalidRequestError`."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"the request holds text that is not valid Unicode ({exc.reason} at position "
+            f"{exc.start}): lone surrogates cannot be sent",
+            route=route,
+        ) from None
+    except RecursionError:
+        raise InvalidRequestError(
+            "the request is nested too deeply to encode (tool schema, params or content)",
+            route=route,
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"the request is not JSON: {exc}", route=route) from None
 
 
-def _usage_of(raw: Any) -> Usage:
+def completion_cap(body: Mapping[str, Any]) -> int | None:
+    """The completion-token cap a request asked for, if any."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _count(raw: Any, name: str, route: Route) -> int:
+    value = raw.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MalformedReplyError(f"usage.{name} is not a number: {value!r:.40}", route=route)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise MalformedReplyError(f"usage.{name} is not a whole number: {value!r}", route=route)
+        value = int(value)
+    if value < 0 or value > MAX_USAGE_TOKENS:
+        raise MalformedReplyError(f"usage.{name} is impossible: {value}", route=route)
+    return value
+
+
+def usage_of(raw: Any, route: Route, cap: int | None = None) -> Usage:
+    """Validated usage: impossible counts are a malformed reply; counts above ``cap`` are cut.
+
+    A server that reports more completion tokens than the request allowed
+    has either ignored the cap or miscounted; either way nimpipe charges at
+    most the cap and marks the usage ``clamped``.
+    """
     if raw is None:
         return Usage(source="none")
-    try:
-        prompt = int(_field(raw, "prompt_tokens") or 0)
-        completion = int(_field(raw, "completion_tokens") or 0)
-    except (TypeError, ValueError):
-        return Usage(source="none")
+    if not isinstance(raw, Mapping):
+        raise MalformedReplyError("usage is not an object", route=route)
+    prompt = _count(raw, "prompt_tokens", route)
+    completion = _count(raw, "completion_tokens", route)
+    if cap is not None and completion > cap:
+        return Usage(prompt_tokens=prompt, completion_tokens=cap, source="clamped")
     return Usage(prompt_tokens=prompt, completion_tokens=completion, source="server")
 
 
-def _logprobs_of(choice: Any) -> tuple[float, ...] | None:
-    lp = _field(choice, "logprobs")
-    content = _field(lp, "content") if lp is not None else None
-    if not content:
+def _logprobs_of(choice: Mapping[str, Any]) -> tuple[float, ...] | None:
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, Mapping) else None
+    if not content or not isinstance(content, list):
         return None
     try:
-        return tuple(float(_field(t, "logprob")) for t in content)
-    except (TypeError, ValueError):
+        values = tuple(float(t["logprob"]) for t in content)
+    except (TypeError, ValueError, KeyError):
         return None
+    return values if all(math.isfinite(v) for v in values) else None
 
 
-def parse_completion(data: Any, route: Route, latency: float) -> Response:
-    """Turn a ``chat.completion`` (decoded JSON, or an SDK object) into a :class:`Response`.
+def _text(value: Any, what: str, route: Route) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedReplyError(f"{what} is not text: {type(value).__name__}", route=route)
+    return value
 
-    Raises :class:`MalformedReplyError` when it has no usable choice.
+
+def _finish(value: Any, route: Route) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise MalformedReplyError(f"finish_reason is not text: {value!r:.40}", route=route)
+
+
+def parse_completion(data: Any, route: Route, latency: float, cap: int | None = None) -> Response:
+    """Turn a decoded ``chat.completion`` into a :class:`Response`.
+
+    Raises :class:`MalformedReplyError` when it is not a valid completion.
     """
-    if not isinstance(data, Mapping) and hasattr(data, "model_dump"):
-        data = data.model_dump()
     if not isinstance(data, Mapping):
         raise MalformedReplyError(f"reply is not a JSON object: {type(data).__name__}", route=route)
     choices = data.get("choices")
@@ -130,30 +206,31 @@ def parse_completion(data: Any, route: Route, latency: float) -> Response:
     message = choice.get("message")
     if not isinstance(message, Mapping):
         raise MalformedReplyError("reply choice has no message", route=route, body=_trim(data))
+    raw_calls = message.get("tool_calls") or ()
+    if not isinstance(raw_calls, (list, tuple)) or len(raw_calls) > _MAX_TOOL_CALLS:
+        raise MalformedReplyError("tool_calls is not a list of calls", route=route)
     calls: list[ToolCall] = []
-    for call in message.get("tool_calls") or ():
+    for call in raw_calls:
         fn = call.get("function") if isinstance(call, Mapping) else None
         if not isinstance(fn, Mapping) or not fn.get("name"):
             raise MalformedReplyError("tool call without a function name", route=route)
         calls.append(
             ToolCall(
-                id=call.get("id") or f"call_{len(calls)}",
-                name=fn["name"],
-                arguments=fn.get("arguments") or "{}",
+                id=_text(call.get("id"), "tool call id", route) or f"call_{len(calls)}",
+                name=_text(fn["name"], "tool call name", route),
+                arguments=_text(fn.get("arguments"), "tool call arguments", route) or "{}",
             )
         )
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        raise MalformedReplyError("message content is not text", route=route)
+    model = data.get("model")
     return Response(
-        text=content or "",
+        text=_text(message.get("content"), "message content", route),
         tool_calls=tuple(calls),
-        finish_reason=FinishReason.parse(choice.get("finish_reason")),
-        usage=_usage_of(data.get("usage")),
-        model=data.get("model") or route.model,
+        finish_reason=FinishReason.parse(_finish(choice.get("finish_reason"), route)),
+        usage=usage_of(data.get("usage"), route, cap),
+        model=model if isinstance(model, str) and model else route.model,
         route=route.name,
         latency=latency,
-        id=data.get("id"),
+        id=data.get("id") if isinstance(data.get("id"), str) else None,
         logprobs=_logprobs_of(choice),
         extra={k: v for k, v in data.items() if k not in _COMPLETION_FIELDS},
     )
@@ -163,78 +240,136 @@ def _trim(data: Any) -> str:
     return repr(data)[:500]
 
 
-def _decode(raw: bytes, route: Route) -> Any:
+def _decode(raw: bytes | str, route: Route) -> Any:
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise MalformedReplyError("reply is nested too deeply to read", route=route) from None
     except ValueError as exc:
-        snippet = raw[:120].decode("utf-8", "replace")
+        snippet = raw[:120]
+        if isinstance(snippet, bytes):
+            snippet = snippet.decode("utf-8", "replace")
         raise MalformedReplyError(
             f"reply is not valid JSON ({exc}): {snippet!r}", route=route
-        ) from exc
+        ) from None
 
 
 @attrs.define
 class StreamAssembler:
-    """Accumulates ``chat.completion.chunk`` objects into a :class:`Response`."""
+    """Accumulates decoded ``chat.completion.chunk`` objects into a :class:`Response`."""
 
     route: Route
     started: float
+    cap: int | None = None
     text_parts: list[str] = attrs.field(factory=list)
     ttft: float | None = None
     finish: str | None = None
     usage: Usage = attrs.field(factory=lambda: Usage(source="none"))
     model: str = ""
     id: str | None = None
+    #: Whether the server said the stream is over (``[DONE]`` or a finish reason).
+    ended: bool = False
     _calls: dict[int, dict[str, str]] = attrs.field(factory=dict)
 
     def feed(self, chunk: Any) -> str:
-        """Take one chunk; return its text delta (``""`` if none)."""
-        if getattr(chunk, "usage", None) is not None:
-            self.usage = _usage_of(chunk.usage)
+        """Take one decoded chunk; return its text delta (``""`` if none)."""
+        route = self.route
+        if not isinstance(chunk, Mapping):
+            raise MalformedReplyError("streamed chunk is not a JSON object", route=route)
+        error = chunk.get("error")
+        if error is not None:
+            raise _stream_error_event(error, route)
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.usage = usage_of(usage, route, self.cap)
         if not self.model:
-            self.model = getattr(chunk, "model", None) or ""
-            self.id = getattr(chunk, "id", None)
-        choices = getattr(chunk, "choices", None) or ()
+            model = chunk.get("model")
+            self.model = model if isinstance(model, str) else ""
+            chunk_id = chunk.get("id")
+            self.id = chunk_id if isinstance(chunk_id, str) else None
+        choices = chunk.get("choices")
         if not choices:
             return ""
+        if not isinstance(choices, list) or not isinstance(choices[0], Mapping):
+            raise MalformedReplyError("streamed choices is not a list of objects", route=route)
         choice = choices[0]
-        if getattr(choice, "finish_reason", None):
-            self.finish = choice.finish_reason
-        delta = getattr(choice, "delta", None)
+        finish = _finish(choice.get("finish_reason"), route)
+        if finish:
+            self.finish = finish
+        delta = choice.get("delta")
         if delta is None:
             return ""
-        for call in getattr(delta, "tool_calls", None) or ():
-            slot = self._calls.setdefault(
-                getattr(call, "index", 0) or 0, {"id": "", "name": "", "arguments": ""}
-            )
-            if getattr(call, "id", None):
-                slot["id"] = call.id
-            fn = getattr(call, "function", None)
-            if fn is not None:
-                if getattr(fn, "name", None):
-                    slot["name"] += fn.name
-                if getattr(fn, "arguments", None):
-                    slot["arguments"] += fn.arguments
-            if self.ttft is None:
-                self.ttft = time.perf_counter() - self.started
-        text = getattr(delta, "content", None) or ""
+        if not isinstance(delta, Mapping):
+            raise MalformedReplyError("streamed delta is not an object", route=route)
+        calls = delta.get("tool_calls")
+        if calls:
+            self._feed_calls(calls)
+        text = _text(delta.get("content"), "streamed content", route)
         if text:
             if self.ttft is None:
                 self.ttft = time.perf_counter() - self.started
             self.text_parts.append(text)
         return text
 
+    def _feed_calls(self, calls: Any) -> None:
+        route = self.route
+        if not isinstance(calls, list):
+            raise MalformedReplyError("streamed tool_calls is not a list", route=route)
+        for call in calls:
+            if not isinstance(call, Mapping):
+                raise MalformedReplyError("streamed tool call is not an object", route=route)
+            index = call.get("index", 0)
+            if index is None:
+                index = 0
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise MalformedReplyError(
+                    f"streamed tool-call index is not an integer: {index!r:.40}", route=route
+                )
+            if not 0 <= index < _MAX_TOOL_CALLS:
+                raise MalformedReplyError(f"streamed tool-call index {index}", route=route)
+            slot = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            call_id = _text(call.get("id"), "tool call id", route)
+            if call_id:
+                slot["id"] = call_id
+            fn = call.get("function")
+            if fn is not None:
+                if not isinstance(fn, Mapping):
+                    raise MalformedReplyError(
+                        "streamed tool function is not an object", route=route
+                    )
+                slot["name"] += _text(fn.get("name"), "tool call name", route)
+                slot["arguments"] += _text(fn.get("arguments"), "tool call arguments", route)
+            if self.ttft is None:
+                self.ttft = time.perf_counter() - self.started
+
     @property
     def text(self) -> str:
         return "".join(self.text_parts)
 
+    @property
+    def received(self) -> bool:
+        """Whether any text or tool call arrived."""
+        return bool(self.text_parts or self._calls)
+
     def response(self) -> Response:
         """The complete response.
 
-        Raises :class:`MalformedReplyError` if the stream carried no choice at all.
+        Raises :class:`MalformedReplyError` if the stream carried no choice at
+        all, and :class:`UnavailableError` if it ended before the server said
+        it was done (a cut stream is never a complete answer).
         """
-        if self.finish is None and not self.text_parts and not self._calls:
-            raise MalformedReplyError("stream ended without any choice", route=self.route)
+        if self.finish is None:
+            if not self.received:
+                raise MalformedReplyError("stream ended without any choice", route=self.route)
+            if self.ended:
+                # [DONE] after content but no finish reason: servers that omit it.
+                self.finish = "stop"
+                return self.response()
+            raise UnavailableError(
+                f"stream cut after {len(self.text)} characters: it ended before "
+                "a finish reason or [DONE]",
+                route=self.route,
+            )
         calls: list[ToolCall] = []
         for index in sorted(self._calls):
             slot = self._calls[index]
@@ -260,199 +395,185 @@ class StreamAssembler:
         )
 
 
+def _stream_error_event(error: Any, route: Route) -> ProviderError:
+    """An ``{"error": ...}`` event inside a stream, as a typed error."""
+    if isinstance(error, Mapping):
+        message = str(error.get("message") or error.get("type") or error.get("code") or error)
+        code = error.get("code")
+    else:
+        message, code = str(error), None
+    status = code if isinstance(code, int) and not isinstance(code, bool) else None
+    if status == 429:
+        return RateLimitError(f"stream error: {message}", route=route, status_code=status)
+    if status is not None and status >= 500:
+        return UnavailableError(f"stream error: {message}", route=route, status_code=status)
+    return ProviderError(f"stream error: {message}", route=route, status_code=status)
+
+
 def _retry_after(headers: Any) -> float | None:
+    """Seconds from ``Retry-After`` (or ``retry-after-ms``); unusable values are ignored."""
     if headers is None:
         return None
     try:
         ms = headers.get("retry-after-ms")
-        if ms:
-            return max(0.0, float(ms) / 1000)
         value = headers.get("retry-after")
     except Exception:
         return None
-    if not value:
+    seconds: float | None = None
+    if ms:
+        try:
+            seconds = float(ms) / 1000
+        except ValueError:
+            seconds = None
+    if seconds is None and value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                seconds = when.timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError):
+                return None
+    if seconds is None or math.isnan(seconds):
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    # ``inf`` stays: the pipeline caps every wait by ``max_retry_wait``.
+    return max(0.0, seconds)
 
 
-def _error_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
+def _error_message(body: bytes, fallback: str) -> str:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        text = body[:300].decode("utf-8", "replace").strip()
+        return text or fallback
+    if isinstance(data, Mapping):
+        inner = data.get("error", data)
         if isinstance(inner, Mapping) and inner.get("message"):
-            return str(inner["message"])
+            return str(inner["message"])[:1000]
         if isinstance(inner, str):
-            return inner
-    return str(getattr(exc, "message", None) or exc)
+            return inner[:1000]
+    return fallback
+
+
+def status_error(status: int, body: bytes, headers: Any, route: Route) -> ProviderError:
+    """A typed error for an HTTP error reply."""
+    message = _error_message(body, f"HTTP {status}")
+    kwargs: dict[str, Any] = {"route": route, "status_code": status}
+    if status in (401, 403):
+        hint = f"; set ${route.api_key_env}" if route.api_key_env else ""
+        return AuthenticationError(f"HTTP {status}: {message}{hint}", **kwargs)
+    if status == 429:
+        return RateLimitError(f"HTTP 429: {message}", retry_after=_retry_after(headers), **kwargs)
+    if status == 413 or (
+        status in (400, 422) and any(m in message.lower() for m in _CONTEXT_MARKERS)
+    ):
+        return ContextOverflowError(f"HTTP {status}: {message}", **kwargs)
+    if status >= 500 or status in (408, 409):
+        return UnavailableError(
+            f"HTTP {status}: {message}", retry_after=_retry_after(headers), **kwargs
+        )
+    return ProviderError(f"HTTP {status}: {message}", **kwargs)
 
 
 def translate_error(exc: BaseException, route: Route) -> ProviderError:
-    """Map an exception from the SDK or the transport to a typed :class:`ProviderError`."""
-    if isinstance(exc, ProviderError):
-        return exc
+    """Map an exception from the transport to a typed :class:`ProviderError`.
+
+    The result is never chained to ``exc``: transport exceptions can quote
+    what the server sent, and a server may echo the key it refused.
+    """
+    if isinstance(exc, (ProviderError, DeadlineExceededError)):
+        raise exc
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OfflineError):
             raise cause  # offline refusals are not endpoint failures: never retried
         cause = cause.__cause__ or cause.__context__
-    import openai
+    import httpx
 
     name = type(exc).__name__
-    module = type(exc).__module__
-    if isinstance(exc, openai.APITimeoutError) or (
-        module.startswith(("httpx", "httpcore")) and "Timeout" in name
-    ):
+    detail = _scrubbed(f"{name}: {exc}", route)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UnavailableError(f"cannot reach {route.host}: connect timed out", route=route)
+    if isinstance(exc, httpx.TimeoutException):
         return TimeoutError(f"no answer within the timeout ({name})", route=route)
-    if isinstance(exc, openai.APIConnectionError) or module.startswith(
-        ("httpx", "httpcore", "h11")
-    ):
-        cause = exc.__cause__ or exc.__context__
-        detail = f"{type(cause).__name__}: {cause}" if cause else f"{name}: {exc}"
-        if "Connect" in detail.split(":", 1)[0] or isinstance(cause, ConnectionRefusedError):
-            return UnavailableError(f"cannot reach {route.host}: {detail}", route=route)
+    if isinstance(exc, httpx.ConnectError):
+        return UnavailableError(f"cannot reach {route.host}: {detail}", route=route)
+    if isinstance(exc, (httpx.TransportError, OSError)):
         return UnavailableError(f"connection to {route.host} lost: {detail}", route=route)
-    if isinstance(exc, openai.APIResponseValidationError):
-        return MalformedReplyError(f"reply does not match the API: {exc}", route=route)
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        message = _error_message(exc)
-        headers = getattr(exc.response, "headers", None)
-        kwargs: dict[str, Any] = {"route": route, "status_code": status}
-        if status in (401, 403):
-            hint = f"; set ${route.api_key_env}" if route.api_key_env else ""
-            return AuthenticationError(f"HTTP {status}: {message}{hint}", **kwargs)
-        if status == 429:
-            return RateLimitError(
-                f"HTTP 429: {message}", retry_after=_retry_after(headers), **kwargs
-            )
-        if status == 413 or (
-            status in (400, 422) and any(m in message.lower() for m in _CONTEXT_MARKERS)
-        ):
-            return ContextOverflowError(f"HTTP {status}: {message}", **kwargs)
-        if status >= 500 or status in (408, 409):
-            return UnavailableError(
-                f"HTTP {status}: {message}", retry_after=_retry_after(headers), **kwargs
-            )
-        return ProviderError(f"HTTP {status}: {message}", **kwargs)
-    if isinstance(exc, (ValueError, KeyError, TypeError, AttributeError)):
-        return MalformedReplyError(f"unreadable reply: {type(exc).__name__}: {exc}", route=route)
-    if isinstance(exc, openai.APIError):
-        return MalformedReplyError(f"unreadable reply: {_error_message(exc)}", route=route)
-    if isinstance(exc, openai.OpenAIError):
-        return ProviderError(str(exc), route=route)
+    if isinstance(exc, httpx.DecodingError):
+        return MalformedReplyError(f"reply cannot be decoded: {detail}", route=route)
     raise exc
+
+
+def _scrubbed(text: str, route: Route) -> str:
+    return scrub(text, [route.api_key.reveal()] if route.api_key else [])
+
+
+def _headers(route: Route, stream: bool) -> dict[str, str]:
+    headers = {
+        "content-type": "application/json",
+        "accept": "text/event-stream" if stream else "application/json",
+        "user-agent": _USER_AGENT,
+    }
+    headers.update(route.headers)
+    if route.api_key is not None:
+        headers["authorization"] = f"Bearer {route.api_key.reveal()}"
+    return headers
+
+
+def _url(route: Route) -> str:
+    return route.base_url.rstrip("/") + _CHAT_PATH
+
+
+def _is_json(response: Any) -> bool:
+    return "json" in response.headers.get("content-type", "")
+
+
+class _Call:
+    """One request's inputs: the encoded body, the cap and the clock."""
+
+    __slots__ = ("cap", "clock", "headers", "payload", "route", "url")
+
+    def __init__(self, route: Route, turn: Turn, timeout: float, stream: bool) -> None:
+        body = build_request(route, turn, stream=stream)
+        self.route = route
+        self.cap = completion_cap(body)
+        self.payload = encode_request(body, route)
+        self.headers = _headers(route, stream)
+        self.url = _url(route)
+        self.clock = Clock(timeout, turn.remaining(), turn.id)
 
 
 @attrs.define
 class OpenAIProvider:
-    """Makes model calls with the openai SDK; one client per route (per event loop for async).
+    """Makes model calls over pooled httpx clients; safe to share between threads and tasks."""
 
-    Thread-safe: clients are created under a lock and the SDK's sync client is
-    safe to share between threads.
-    """
+    _clients: Clients = attrs.field(factory=Clients, init=False)
 
-    _sync: dict[Route, Any] = attrs.field(factory=dict, init=False)
-    _async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Route, Any]] = attrs.field(
-        factory=weakref.WeakKeyDictionary, init=False
-    )
-    _closers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = attrs.field(
-        factory=weakref.WeakKeyDictionary, init=False
-    )
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-
-    @staticmethod
-    def _client_kwargs(route: Route) -> dict[str, Any]:
-        return {
-            "base_url": route.base_url,
-            "api_key": route.api_key.reveal() if route.api_key else _NO_KEY,
-            "max_retries": 0,
-            "timeout": route.timeout,
-            "default_headers": dict(route.headers) or None,
-        }
-
-    def client(self, route: Route) -> Any:
-        """The sync ``openai.OpenAI`` client of ``route``."""
-        client = self._sync.get(route)
-        if client is None:
-            with self._lock:
-                client = self._sync.get(route)
-                if client is None:
-                    import openai
-
-                    client = openai.OpenAI(**self._client_kwargs(route))
-                    self._sync[route] = client
-        return client
-
-    async def aclient(self, route: Route) -> Any:
-        """The ``openai.AsyncOpenAI`` client of ``route`` for the running event loop.
-
-        Clients are closed when the loop shuts down its async generators (as
-        :func:`asyncio.run` does), so repeated ``asyncio.run`` calls leak no
-        connections.
-        """
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        clients = self._async.get(loop)
-        client = clients.get(route) if clients is not None else None
-        if client is not None:
-            return client
-        with self._lock:
-            clients = self._async.get(loop)
-            first = clients is None
-            if clients is None:
-                clients = self._async[loop] = {}
-            client = clients.get(route)
-            if client is None:
-                import openai
-
-                client = openai.AsyncOpenAI(**self._client_kwargs(route))
-                clients[route] = client
-        if first:
-            closer = _close_on_shutdown(clients)
-            self._closers[loop] = closer
-            await closer.asend(None)
-        return client
-
+    # ------------------------------------------------------------------
+    # blocking
     # ------------------------------------------------------------------
 
     def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
-        """One non-streamed call.
-
-        The request goes through the SDK's client (auth, headers, errors) as
-        plain JSON: nimpipe builds the body and reads the reply itself, which
-        skips the SDK's parameter transformation and response models.
-        """
-        body = build_request(route, turn, stream=False)
+        """One non-streamed call."""
+        call = _Call(route, turn, timeout, stream=False)
+        client = self._clients.sync()
         started = time.perf_counter()
         try:
-            raw = self.client(route).post(
-                _CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}
-            )
+            with client.stream(
+                "POST",
+                call.url,
+                content=call.payload,
+                headers=call.headers,
+                timeout=timeout_for(route, call.clock),
+            ) as reply:
+                if reply.status_code >= 400:
+                    raise self._status(reply, call, b"".join(self._read(reply, call, True)))
+                raw = b"".join(self._read(reply, call, False))
         except Exception as exc:
-            raise translate_error(exc, route) from exc
-        return parse_completion(_decode(raw, route), route, time.perf_counter() - started)
-
-    async def acomplete(self, route: Route, turn: Turn, timeout: float) -> Response:
-        """One non-streamed call, async."""
-        body = build_request(route, turn, stream=False)
-        started = time.perf_counter()
-        try:
-            client = await self.aclient(route)
-            raw = await client.post(
-                _CHAT_PATH, cast_to=bytes, body=body, options={"timeout": timeout}
-            )
-        except Exception as exc:
-            raise translate_error(exc, route) from exc
-        return parse_completion(_decode(raw, route), route, time.perf_counter() - started)
+            raise translate_error(exc, route) from None
+        data = _decode(raw, route)
+        return parse_completion(data, route, time.perf_counter() - started, call.cap)
 
     def stream(self, route: Route, turn: Turn, timeout: float) -> Iterator[str | Response]:
         """One streamed call: yields text deltas, then the complete :class:`Response`.
@@ -460,94 +581,161 @@ class OpenAIProvider:
         Closing the iterator closes the HTTP response (that is how a call is
         cancelled).
         """
-        body = build_request(route, turn, stream=True)
-        asm = StreamAssembler(route, time.perf_counter())
+        call = _Call(route, turn, timeout, stream=True)
+        client = self._clients.sync()
+        asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
-            stream = self.client(route).post(
-                _CHAT_PATH,
-                cast_to=_chunk_type(),
-                body=body,
-                options={"timeout": timeout},
-                stream=True,
-                stream_cls=_stream_type(False),
-            )
-            with stream:
-                for chunk in stream:
-                    text = asm.feed(chunk)
+            with client.stream(
+                "POST",
+                call.url,
+                content=call.payload,
+                headers=call.headers,
+                timeout=timeout_for(route, call.clock),
+            ) as reply:
+                if reply.status_code >= 400:
+                    raise self._status(reply, call, b"".join(self._read(reply, call, True)))
+                if _is_json(reply):
+                    text = self._whole(b"".join(self._read(reply, call, False)), call, asm)
                     if text:
                         yield text
+                else:
+                    sse = SSEParser(route)
+                    for piece in self._read(reply, call, False):
+                        for event in sse.feed(piece):
+                            text = self._event(event, call, asm)
+                            if text:
+                                yield text
+                        if asm.ended:
+                            break
+                    for event in sse.close():
+                        text = self._event(event, call, asm)
+                        if text:
+                            yield text
         except GeneratorExit:
             raise
         except Exception as exc:
-            raise _stream_error(exc, route, asm) from exc
+            raise _cut(exc, route, asm) from None
         yield asm.response()
+
+    @staticmethod
+    def _read(reply: Any, call: _Call, error: bool) -> Iterator[bytes]:
+        limit = MAX_ERROR_BYTES if error else MAX_REPLY_BYTES
+        return iter_body(reply, call.clock, call.route, limit)
+
+    # ------------------------------------------------------------------
+    # async
+    # ------------------------------------------------------------------
+
+    async def acomplete(self, route: Route, turn: Turn, timeout: float) -> Response:
+        """One non-streamed call, async."""
+        call = _Call(route, turn, timeout, stream=False)
+        client = await self._clients.for_loop()
+        started = time.perf_counter()
+        try:
+            async with client.stream(
+                "POST",
+                call.url,
+                content=call.payload,
+                headers=call.headers,
+                timeout=timeout_for(route, call.clock),
+            ) as reply:
+                if reply.status_code >= 400:
+                    raise self._status(reply, call, await self._aread(reply, call, True))
+                raw = await self._aread(reply, call, False)
+        except Exception as exc:
+            raise translate_error(exc, route) from None
+        data = _decode(raw, route)
+        return parse_completion(data, route, time.perf_counter() - started, call.cap)
 
     async def astream(
         self, route: Route, turn: Turn, timeout: float
     ) -> AsyncIterator[str | Response]:
         """One streamed call, async: yields text deltas, then the :class:`Response`."""
-        body = build_request(route, turn, stream=True)
-        asm = StreamAssembler(route, time.perf_counter())
+        call = _Call(route, turn, timeout, stream=True)
+        client = await self._clients.for_loop()
+        asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
-            client = await self.aclient(route)
-            stream = await client.post(
-                _CHAT_PATH,
-                cast_to=_chunk_type(),
-                body=body,
-                options={"timeout": timeout},
-                stream=True,
-                stream_cls=_stream_type(True),
-            )
-            async with stream:
-                async for chunk in stream:
-                    text = asm.feed(chunk)
+            async with client.stream(
+                "POST",
+                call.url,
+                content=call.payload,
+                headers=call.headers,
+                timeout=timeout_for(route, call.clock),
+            ) as reply:
+                if reply.status_code >= 400:
+                    raise self._status(reply, call, await self._aread(reply, call, True))
+                if _is_json(reply):
+                    text = self._whole(await self._aread(reply, call, False), call, asm)
                     if text:
                         yield text
+                else:
+                    sse = SSEParser(route)
+                    async for piece in aiter_body(reply, call.clock, route, MAX_REPLY_BYTES):
+                        for event in sse.feed(piece):
+                            text = self._event(event, call, asm)
+                            if text:
+                                yield text
+                        if asm.ended:
+                            break
+                    for event in sse.close():
+                        text = self._event(event, call, asm)
+                        if text:
+                            yield text
         except GeneratorExit:
             raise
         except Exception as exc:
-            raise _stream_error(exc, route, asm) from exc
+            raise _cut(exc, route, asm) from None
         yield asm.response()
 
+    @staticmethod
+    async def _aread(reply: Any, call: _Call, error: bool) -> bytes:
+        limit = MAX_ERROR_BYTES if error else MAX_REPLY_BYTES
+        return b"".join([p async for p in aiter_body(reply, call.clock, call.route, limit)])
+
+    # ------------------------------------------------------------------
+    # shared
+    # ------------------------------------------------------------------
+
+    @staticmethod
+    def _status(reply: Any, call: _Call, body: bytes) -> ProviderError:
+        return status_error(reply.status_code, body, reply.headers, call.route)
+
+    @staticmethod
+    def _event(event: str, call: _Call, asm: StreamAssembler) -> str:
+        if asm.ended:
+            return ""
+        if event == "[DONE]":
+            asm.ended = True
+            return ""
+        call.clock.progress()
+        return asm.feed(_decode(event, call.route))
+
+    @staticmethod
+    def _whole(raw: bytes, call: _Call, asm: StreamAssembler) -> str:
+        """A streamed request answered with one JSON completion: take it as the whole stream."""
+        response = parse_completion(_decode(raw, call.route), call.route, 0.0, call.cap)
+        asm.ended = True
+        asm.finish = response.finish_reason.value
+        asm.text_parts = [response.text] if response.text else []
+        asm.usage = response.usage
+        for index, tc in enumerate(response.tool_calls):
+            asm._calls[index] = {"id": tc.id, "name": tc.name, "arguments": tc.arguments}
+        if response.text and asm.ttft is None:
+            asm.ttft = time.perf_counter() - asm.started
+        return response.text
+
     def close(self) -> None:
-        """Close the sync clients (async clients close with their loop)."""
-        with self._lock:
-            clients = list(self._sync.values())
-            self._sync.clear()
-        for client in clients:
-            with contextlib.suppress(Exception):
-                client.close()
+        """Close the blocking client (async clients close with their event loop)."""
+        self._clients.close()
 
 
-def _chunk_type() -> Any:
-    from openai.types.chat import ChatCompletionChunk
-
-    return ChatCompletionChunk
-
-
-def _stream_type(is_async: bool) -> Any:
-    import openai
-    from openai.types.chat import ChatCompletionChunk
-
-    return (openai.AsyncStream if is_async else openai.Stream)[ChatCompletionChunk]
-
-
-async def _close_on_shutdown(clients: dict[Route, Any]) -> AsyncGenerator[None, None]:
-    """Parked for the life of an event loop; closes its clients when the loop shuts down."""
+def _cut(exc: BaseException, route: Route, asm: StreamAssembler) -> BaseException:
+    """The typed error for a stream that failed, saying how much had arrived."""
     try:
-        yield
-        yield
-    finally:
-        for client in list(clients.values()):
-            with contextlib.suppress(Exception):
-                await client.close()
-        clients.clear()
-
-
-def _stream_error(exc: BaseException, route: Route, asm: StreamAssembler) -> ProviderError:
-    error = translate_error(exc, route)
-    if asm.text_parts or asm._calls:
-        # The stream broke after text arrived: report what was received.
+        error: BaseException = translate_error(exc, route)
+    except (ProviderError, DeadlineExceededError, OfflineError) as typed:
+        error = typed
+    if isinstance(error, ProviderError) and asm.received and "stream cut" not in error.message:
         error = type(error)(
             f"stream cut after {len(asm.text)} characters: {error.message}",
             route=route,
