@@ -228,8 +228,10 @@ def post_output(turn: Turn, output: Output, pipeline: Pipeline) -> str | Rewrite
 
     Called once per turn on the accepted response (with the ``buffer``
     release policy), or once per sentence and once more on the whole answer
-    (``sentence`` policy, streaming only).  While any implementation exists,
-    streamed output is held back until it has passed.
+    (``sentence`` policy, streaming only).  A response that asks for tool
+    calls is checked too when it carries text (``output.response.tool_calls``
+    says so); one of tool calls alone is not.  While any implementation
+    exists, streamed output is held back until it has passed.
 
     :param turn: the turn.
     :param output: the text to judge (``output.final`` says whether it is the

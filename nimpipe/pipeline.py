@@ -194,7 +194,10 @@ async def _race_checks(
                 yield _Abort(block, "cancelled")
                 return
             if not next_item.done():
-                continue
+                if waiting:
+                    continue
+                # Every check has passed: only the next chunk is left to wait for.
+                await asyncio.wait({next_item})
             try:
                 item = next_item.result()
             except StopAsyncIteration:
@@ -227,8 +230,8 @@ def _stamp(decision: Any, plugin: str) -> Any:
 
 
 def _backoff(tries: int, retry_after: float | None) -> float:
-    if retry_after is not None:
-        return retry_after
+    if retry_after is not None and retry_after == retry_after:  # not NaN
+        return max(0.0, retry_after)
     import random
 
     return min(8.0, 0.25 * (2**tries)) * (0.5 + random.random() / 2)
@@ -679,9 +682,10 @@ class Pipeline:
             pending_record = (attempt, _reason(decision))
 
         route, response = chosen
-        # Phase 4: output (the final answer only: a tool-call response is not one).
+        # Phase 4: output.  Every text the caller gets is checked, the text that
+        # comes with tool calls included; a response of tool calls alone has none.
         text = response.text
-        if checked_output and not response.tool_calls:
+        if checked_output and (text or not response.tool_calls):
             already = "".join(released)
             output = Output(text=text, response=response, final=True, released=already)
             new_text, block = await self._post_output(turn, output, mode, log)
@@ -948,6 +952,7 @@ class Pipeline:
                 timeout = _timeout(turn, route)
                 started = time.time()
                 partial: list[str] = []
+                released_before = len(released)
                 try:
                     if streaming and NO_STREAM not in route.flags:
                         async for item in self._stream_once(
@@ -1010,12 +1015,16 @@ class Pipeline:
                         yield response
                         return
                 except ProviderError as exc:
-                    retrying = (
-                        exc.transient and tries < route.max_retries and not (partial and not hold)
-                    )
+                    # Text the caller already has cannot be taken back: a retry
+                    # would send it twice (unheld streams, released sentences).
+                    shown = partial and (not hold or len(released) > released_before)
+                    retrying = exc.transient and tries < route.max_retries and not shown
                     delay = _backoff(tries, exc.retry_after) if retrying else 0.0
                     remaining = turn.remaining()
-                    if retrying and remaining is not None and delay >= remaining:
+                    if retrying and (
+                        delay > self.config.max_retry_wait
+                        or (remaining is not None and delay >= remaining)
+                    ):
                         retrying = False
                     await self._record_failed(
                         turn,

@@ -235,17 +235,34 @@ def _chars_over_4(text: str) -> int:
     return (len(text) + 3) // 4
 
 
+#: Texts longer than this (in characters) are counted on samples, not whole:
+#: BPE on a long run without spaces is superlinear (16 MB of one character
+#: takes tens of seconds), and a count must never outlast a turn's deadline.
+SAMPLED_ABOVE = 256 * 1024
+_SAMPLES = 8
+_SAMPLE_CHARS = 8 * 1024
+
+
+def _sampled(encode: Callable[[str], int], text: str) -> int:
+    """``encode``'s count for ``text`` scaled up from evenly spaced windows of it."""
+    step = (len(text) - _SAMPLE_CHARS) // (_SAMPLES - 1)
+    counted = sum(encode(text[i * step : i * step + _SAMPLE_CHARS]) for i in range(_SAMPLES))
+    return round(counted * len(text) / (_SAMPLES * _SAMPLE_CHARS))
+
+
 def _counter(model: str | None) -> tuple[Callable[[str], int], str, bool]:
     """How to count text for ``model``: the counter, its method name, and exactness."""
     name = encoding_for_model(model)
     encoding = _cache.get(name)
     if encoding is None:
         return _chars_over_4, "chars/4", False
-    return (
-        lambda text: len(encoding.encode_ordinary(text)),
-        f"tiktoken:{name}",
-        _is_openai_model(model),
-    )
+
+    def count(text: str) -> int:
+        if len(text) > SAMPLED_ABOVE:
+            return _sampled(lambda part: len(encoding.encode_ordinary(part)), text)
+        return len(encoding.encode_ordinary(text))
+
+    return count, f"tiktoken:{name}", _is_openai_model(model)
 
 
 def count_tokens(text: str, model: str | None = None) -> TokenCount:
@@ -256,6 +273,8 @@ def count_tokens(text: str, model: str | None = None) -> TokenCount:
     exact.  Never raises: without tiktoken the count is ``chars/4``.
     """
     counter, method, exact = _counter(model)
+    if len(text) > SAMPLED_ABOVE and method.startswith("tiktoken"):
+        return TokenCount(counter(text), False, f"{method}~sampled")
     return TokenCount(counter(text), exact, method)
 
 
@@ -283,7 +302,12 @@ def _tool_json(tool: Tool) -> str:
     import json
 
     schema = tool if isinstance(tool, Mapping) else tool.to_openai()
-    return json.dumps(schema, ensure_ascii=False)
+    try:
+        return json.dumps(schema, ensure_ascii=False)
+    except (RecursionError, TypeError, ValueError):
+        # Unsendable (too deep, not JSON): the request itself fails with a
+        # clear error; a count must not raise first.
+        return ""
 
 
 def count_messages(
