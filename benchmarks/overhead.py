@@ -17,7 +17,7 @@ What it measures
 
     Part 2, without the network: both pipelines on a provider that answers
     from memory, against calling that provider directly; and nimpipe's
-    ``build_request`` plus ``parse_completion`` on a ready ``ChatCompletion``,
+    ``build_request`` plus ``parse_completion`` on the decoded JSON of a reply,
     which that provider skips.  The pipeline's difference is nimpipe's own
     CPU per turn in a hot loop, free of the SDK, the sockets and the server:
     the steadiest figure on a busy machine.
@@ -86,31 +86,27 @@ TARGET_ADDED_US = 50.0
 
 #: nimpipe's provider called without the pipeline (request and response translation only).
 PROVIDER = "nimpipe provider alone"
-#: ``build_request`` plus ``parse_completion`` on a ready ``ChatCompletion``.
+#: ``build_request`` plus ``parse_completion`` on the decoded JSON of a reply.
 TRANSLATION = "request/response translation"
 
 
-def canned_completion(route: Route) -> Any:
-    """A ``ChatCompletion`` as the SDK returns it for the test server's reply."""
-    from openai.types.chat import ChatCompletion
-
-    return ChatCompletion.model_validate(
-        {
-            "id": "chatcmpl-canned",
-            "object": "chat.completion",
-            "created": 0,
-            "model": route.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": f"NIM reply to: {PROMPT}"},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16},
-        }
-    )
+def canned_completion(route: Route) -> dict[str, Any]:
+    """The decoded JSON of the test server's reply, as the provider parses it."""
+    return {
+        "id": "chatcmpl-canned",
+        "object": "chat.completion",
+        "created": 0,
+        "model": route.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"NIM reply to: {PROMPT}"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16},
+    }
 
 
 # --------------------------------------------------------------------------

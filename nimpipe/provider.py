@@ -16,6 +16,7 @@ deadline and the size limits hold however slowly a server answers.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import math
@@ -632,13 +633,7 @@ class OpenAIProvider:
         client = await self._clients.for_loop()
         started = time.perf_counter()
         try:
-            async with client.stream(
-                "POST",
-                call.url,
-                content=call.payload,
-                headers=call.headers,
-                timeout=timeout_for(route, call.clock),
-            ) as reply:
+            async with _opened(client, call) as reply:
                 if reply.status_code >= 400:
                     raise self._status(reply, call, await self._aread(reply, call, True))
                 raw = await self._aread(reply, call, False)
@@ -655,13 +650,7 @@ class OpenAIProvider:
         client = await self._clients.for_loop()
         asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
-            async with client.stream(
-                "POST",
-                call.url,
-                content=call.payload,
-                headers=call.headers,
-                timeout=timeout_for(route, call.clock),
-            ) as reply:
+            async with _opened(client, call) as reply:
                 if reply.status_code >= 400:
                     raise self._status(reply, call, await self._aread(reply, call, True))
                 if _is_json(reply):
@@ -727,6 +716,33 @@ class OpenAIProvider:
     def close(self) -> None:
         """Close the blocking client (async clients close with their event loop)."""
         self._clients.close()
+
+
+@contextlib.asynccontextmanager
+async def _opened(client: Any, call: _Call) -> AsyncIterator[Any]:
+    """The reply's head, within the turn's deadline however slowly it arrives."""
+    import asyncio
+
+    request = client.build_request(
+        "POST",
+        call.url,
+        content=call.payload,
+        headers=call.headers,
+        timeout=timeout_for(call.route, call.clock),
+    )
+    sending = client.send(request, stream=True)
+    deadline = call.clock.deadline
+    if deadline is None:
+        reply = await sending
+    else:
+        try:
+            reply = await asyncio.wait_for(sending, max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            raise call.clock.deadline_error() from None
+    try:
+        yield reply
+    finally:
+        await reply.aclose()
 
 
 def _cut(exc: BaseException, route: Route, asm: StreamAssembler) -> BaseException:
