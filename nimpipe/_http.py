@@ -6,9 +6,9 @@ route's timeout is an idle limit: a streamed reply must make progress (a data
 event) at least that often, a plain reply must arrive whole within it.
 
 Replies are read in pieces, so every piece is checked against both clocks and
-against the size limits.  Under ``run``/``stream`` a blocking read cannot be
-interrupted by a timer in the same thread, so a shared watchdog thread shuts
-the socket down when the turn's deadline passes.
+against the size limits.  Under ``run``/``stream`` every socket read and write
+is capped by the time left (:func:`deadline_of`); under ``arun``/``astream``
+every read is awaited with that bound.
 
 httpx is imported on first use, never at import time.
 """
@@ -16,13 +16,10 @@ httpx is imported on first use, never at import time.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
-import socket
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from nimpipe.errors import DeadlineExceededError, MalformedReplyError, TimeoutError
@@ -83,6 +80,11 @@ class Clock:
                 f"no progress for {self.idle:g} s (the route's timeout)", route=route
             )
 
+    def head_deadline(self) -> float:
+        """When the reply's head must have arrived: within the idle limit and the deadline."""
+        limit = self.last_progress + self.idle
+        return limit if self.deadline is None else min(limit, self.deadline)
+
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
@@ -92,61 +94,68 @@ class Clock:
         )
 
 
-class _Watchdog:
-    """One daemon thread that runs actions at their time; used to cut blocking reads."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[list[Any]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def schedule(self, when: float, action: Callable[[], None]) -> list[Any]:
-        """Run ``action`` at monotonic time ``when``; returns a handle for :meth:`cancel`."""
-        entry = [when, next(self._seq), action]
-        with self._cond:
-            heapq.heappush(self._heap, entry)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="nimpipe-deadlines", daemon=True
-                )
-                self._thread.start()
-            if self._heap[0] is entry:
-                self._cond.notify()
-        return entry
-
-    @staticmethod
-    def cancel(entry: list[Any]) -> None:
-        entry[2] = None
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                when = self._heap[0][0]
-                delay = when - time.monotonic()
-                if delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                action = heapq.heappop(self._heap)[2]
-            if action is not None:
-                with contextlib.suppress(Exception):  # the socket may already be gone
-                    action()
+#: The deadline (monotonic) of the blocking call running on this thread, if any.
+_blocking = threading.local()
 
 
-_watchdog = _Watchdog()
-
-
-def _socket_of(response: httpx.Response) -> socket.socket | None:
-    stream = response.extensions.get("network_stream")
-    if stream is None:
-        return None
+@contextlib.contextmanager
+def deadline_of(deadline: float | None) -> Iterator[None]:
+    """While inside, every socket read and write of this thread ends by ``deadline``."""
+    previous = getattr(_blocking, "deadline", None)
+    _blocking.deadline = deadline
     try:
-        sock = stream.get_extra_info("socket")
-    except Exception:
-        return None
-    return sock if isinstance(sock, socket.socket) else None
+        yield
+    finally:
+        _blocking.deadline = previous
+
+
+def _capped(timeout: float | None) -> float | None:
+    deadline = getattr(_blocking, "deadline", None)
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        import httpcore
+
+        raise httpcore.ReadTimeout("the turn's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+def _deadline_backend() -> Any:
+    """httpcore's blocking network backend, with every read and write capped by the deadline.
+
+    A per-read timeout alone restarts with every byte, so a server sending its
+    head or body one byte at a time would hold a blocking call for ever.
+    """
+    import httpcore
+
+    class Stream(httpcore.NetworkStream):
+        def __init__(self, inner: httpcore.NetworkStream) -> None:
+            self._inner = inner
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return self._inner.read(max_bytes, _capped(timeout))
+
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self._inner.write(buffer, _capped(timeout))
+
+        def close(self) -> None:
+            self._inner.close()
+
+        def start_tls(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+            return Stream(self._inner.start_tls(*args, **kwargs))
+
+        def get_extra_info(self, info: str) -> Any:
+            return self._inner.get_extra_info(info)
+
+    class Backend(httpcore.SyncBackend):
+        def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+            return Stream(super().connect_tcp(*args, **kwargs))
+
+        def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+            return Stream(super().connect_unix_socket(*args, **kwargs))
+
+    return Backend()
 
 
 class Clients:
@@ -180,7 +189,10 @@ class Clients:
                 if client is None:
                     import httpx
 
-                    client = self._sync = httpx.Client(limits=self._limits())
+                    transport = httpx.HTTPTransport(limits=self._limits())
+                    # httpx offers no setting for the network backend of its pool.
+                    transport._pool._network_backend = _deadline_backend()
+                    client = self._sync = httpx.Client(transport=transport)
         return client
 
     async def for_loop(self) -> httpx.AsyncClient:
@@ -223,25 +235,23 @@ def timeout_for(route: Route, clock: Clock) -> httpx.Timeout:
 
 def iter_body(response: httpx.Response, clock: Clock, route: Route, limit: int) -> Iterator[bytes]:
     """The body of a blocking response in pieces, within the clock and ``limit`` bytes."""
-    cut = None
-    sock = _socket_of(response)
-    if clock.deadline is not None and sock is not None:
-        cut = _watchdog.schedule(clock.deadline, lambda: sock.shutdown(socket.SHUT_RDWR))
+    pieces = response.iter_bytes()
     size = 0
-    try:
-        for piece in response.iter_bytes():
-            size += len(piece)
-            if size > limit:
-                raise MalformedReplyError(f"reply larger than {limit} bytes", route=route)
-            clock.check(route)
-            yield piece
-    except Exception:
-        if clock.deadline_passed():
-            raise clock.deadline_error() from None
-        raise
-    finally:
-        if cut is not None:
-            _watchdog.cancel(cut)
+    while True:
+        try:
+            with deadline_of(clock.deadline):
+                piece = next(pieces, None)
+        except Exception:
+            if clock.deadline_passed():
+                raise clock.deadline_error() from None
+            raise
+        if piece is None:
+            return
+        size += len(piece)
+        if size > limit:
+            raise MalformedReplyError(f"reply larger than {limit} bytes", route=route)
+        clock.check(route)
+        yield piece
 
 
 async def aiter_body(

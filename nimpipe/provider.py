@@ -34,6 +34,7 @@ from nimpipe._http import (
     Clock,
     SSEParser,
     aiter_body,
+    deadline_of,
     iter_body,
     timeout_for,
 )
@@ -561,13 +562,7 @@ class OpenAIProvider:
         client = self._clients.sync()
         started = time.perf_counter()
         try:
-            with client.stream(
-                "POST",
-                call.url,
-                content=call.payload,
-                headers=call.headers,
-                timeout=timeout_for(route, call.clock),
-            ) as reply:
+            with _sent(client, call) as reply:
                 if reply.status_code >= 400:
                     raise self._status(reply, call, b"".join(self._read(reply, call, True)))
                 raw = b"".join(self._read(reply, call, False))
@@ -586,13 +581,7 @@ class OpenAIProvider:
         client = self._clients.sync()
         asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
-            with client.stream(
-                "POST",
-                call.url,
-                content=call.payload,
-                headers=call.headers,
-                timeout=timeout_for(route, call.clock),
-            ) as reply:
+            with _sent(client, call) as reply:
                 if reply.status_code >= 400:
                     raise self._status(reply, call, b"".join(self._read(reply, call, True)))
                 if _is_json(reply):
@@ -718,6 +707,36 @@ class OpenAIProvider:
         self._clients.close()
 
 
+@contextlib.contextmanager
+def _sent(client: Any, call: _Call) -> Iterator[Any]:
+    """The reply's head, within the turn's deadline however slowly it arrives (blocking)."""
+    request = client.build_request(
+        "POST",
+        call.url,
+        content=call.payload,
+        headers=call.headers,
+        timeout=timeout_for(call.route, call.clock),
+    )
+    clock = call.clock
+    try:
+        with deadline_of(clock.head_deadline()):
+            reply = client.send(request, stream=True)
+    except Exception as exc:
+        import httpx
+
+        if clock.deadline_passed():
+            raise clock.deadline_error() from None
+        if isinstance(exc, httpx.ReadTimeout):
+            raise TimeoutError(
+                f"the reply's head did not arrive within {clock.idle:g} s", route=call.route
+            ) from None
+        raise
+    try:
+        yield reply
+    finally:
+        reply.close()
+
+
 @contextlib.asynccontextmanager
 async def _opened(client: Any, call: _Call) -> AsyncIterator[Any]:
     """The reply's head, within the turn's deadline however slowly it arrives."""
@@ -730,15 +749,18 @@ async def _opened(client: Any, call: _Call) -> AsyncIterator[Any]:
         headers=call.headers,
         timeout=timeout_for(call.route, call.clock),
     )
+    clock = call.clock
     sending = client.send(request, stream=True)
-    deadline = call.clock.deadline
-    if deadline is None:
-        reply = await sending
-    else:
-        try:
-            reply = await asyncio.wait_for(sending, max(deadline - time.monotonic(), 0.001))
-        except asyncio.TimeoutError:
-            raise call.clock.deadline_error() from None
+    try:
+        reply = await asyncio.wait_for(
+            sending, max(clock.head_deadline() - time.monotonic(), 0.001)
+        )
+    except asyncio.TimeoutError:
+        if clock.deadline_passed():
+            raise clock.deadline_error() from None
+        raise TimeoutError(
+            f"the reply's head did not arrive within {clock.idle:g} s", route=call.route
+        ) from None
     try:
         yield reply
     finally:
