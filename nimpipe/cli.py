@@ -2,12 +2,18 @@
 
 ``--help`` stays fast: this module imports only argparse at load time; each
 command imports what it needs when it runs.
+
+Errors are one line on stderr, ``nimpipe: <message>``, and an exit code:
+0 ok, 1 error, 2 configuration or usage error, 3 blocked (130 interrupted).
+Any other exception (a bug) is one line too, with a hint: ``--debug`` (or
+``NIMPIPE_DEBUG=1``) prints the traceback instead, for every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,6 +27,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BLOCKED = 3
+EXIT_INTERRUPTED = 130
+
+#: Set to a true value to print tracebacks (as ``--debug`` does).
+DEBUG_ENV = "NIMPIPE_DEBUG"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -37,6 +47,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="offline mode: only local and self-hosted routes; any other host is refused",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"print the traceback of an error (also {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     chat = sub.add_parser("chat", help="run one turn through the pipeline and print the answer")
@@ -51,6 +66,11 @@ def _build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--json", action="store_true", help="print the result as JSON")
 
     plugins = sub.add_parser("plugins", help="list plugins, their versions and hooks")
+    plugins.add_argument(
+        "--all",
+        action="store_true",
+        help="also the stages and plugins that could be enabled, and how (* marks active ones)",
+    )
     plugins.add_argument("--json", action="store_true", help="print as JSON")
 
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
@@ -101,20 +121,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from nimpipe.errors import ConfigError, NimpipeError
-
+    debug = args.debug or _env_flag(DEBUG_ENV)
     try:
         handler = _COMMANDS[args.command]
         return handler(args)
-    except ConfigError as exc:
-        print(f"nimpipe: config error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except NimpipeError as exc:
-        print(f"nimpipe: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("nimpipe: interrupted", file=sys.stderr)
-        return 130
+        _fail("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``nimpipe chat ... | head``): nothing more to say to it.
+        _silence_stdout()
+        return EXIT_ERROR
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        code, message = _describe(exc)
+        if code is None:
+            hint = "" if debug else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+            _fail(f"internal error: {type(exc).__name__}: {message}{hint}")
+            return EXIT_ERROR
+        _fail(message)
+        return code
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _describe(exc: BaseException) -> tuple[int | None, str]:
+    """The exit code and message for ``exc``; code ``None`` for an exception nimpipe did not
+    raise on purpose."""
+    from nimpipe.errors import BlockedError, ConfigError, NimpipeError, PluginLoadError
+
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE, f"config error: {exc}"
+    if isinstance(exc, PluginLoadError):
+        return EXIT_USAGE, f"plugin error: {exc}"
+    if isinstance(exc, BlockedError):
+        return EXIT_BLOCKED, str(exc)
+    if isinstance(exc, NimpipeError):
+        return EXIT_ERROR, f"error: {exc}"
+    return None, str(exc)
+
+
+def _one_line(text: str) -> str:
+    from nimpipe.redaction import scrub
+
+    return " ".join(scrub(text).split())
+
+
+def _fail(message: str) -> None:
+    """Print ``nimpipe: MESSAGE`` on stderr, on one line, any credential masked."""
+    try:
+        sys.stderr.write(f"nimpipe: {_one_line(message)}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # stderr is gone: the exit code still says it
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would report the broken pipe again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _load_config(args: argparse.Namespace) -> Config:
@@ -136,32 +209,76 @@ def _pipeline(args: argparse.Namespace) -> Pipeline:
     return Pipeline.create(_load_config(args))
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    from nimpipe.errors import ConfigError
+
+    if args.prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"standard input is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                f"{exc.start})",
+                key="prompt",
+            ) from None
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the locale could not decode arrive as surrogates
+        raise ConfigError("the prompt is not valid UTF-8 text", key="prompt") from None
+    prompt: str = args.prompt
+    return prompt
+
+
+def _print_stream(stream: Any) -> None:
+    """Write each released chunk as it comes; the line is ended even when the stream fails."""
+    from nimpipe.errors import MalformedReplyError
+
+    written = False
+    try:
+        for chunk in stream:
+            if not isinstance(chunk, str):
+                # The pipeline releases text only; never let a bad chunk crash the printer.
+                raise MalformedReplyError(
+                    f"the stream released a {type(chunk).__name__} where text was expected"
+                )
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+                written = True
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        if written:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from nimpipe.types import Turn
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_prompt(args)
     turn = Turn.create(
         prompt, system=args.system, timeout=args.timeout, route=args.route, model=args.model
     )
     with _pipeline(args) as pipeline:
         if args.stream and not args.json:
             stream = pipeline.stream(turn)
-            for chunk in stream:
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            _print_stream(stream)
             result = stream.result
         else:
             result = pipeline.run(turn)
-    assert result is not None
+    if result is None:
+        from nimpipe.errors import NimpipeError
+
+        raise NimpipeError("the stream ended without a result")
     if args.json:
-        print(json.dumps(_result_json(result), indent=2))
+        print(json.dumps(_result_json(result), indent=2, default=str))
     elif not args.stream:
         print(result.text)
     if result.blocked is not None:
-        print(
-            f"nimpipe: blocked by {result.blocked.plugin}: {result.blocked.reason}", file=sys.stderr
-        )
+        _fail(f"blocked by {result.blocked.plugin}: {result.blocked.reason}")
         return EXIT_BLOCKED
     return EXIT_OK
 
@@ -183,11 +300,29 @@ def _result_json(result: Any) -> dict[str, Any]:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    import attrs
+
     with _pipeline(args) as pipeline:
         infos = pipeline.plugins.info()
-    if args.json:
-        import attrs
+        if args.all:
+            from nimpipe.plugins import plugin_statuses
 
+            statuses = plugin_statuses(pipeline.config, pipeline.plugins)
+    if args.all:
+        if args.json:
+            print(json.dumps([attrs.asdict(s) for s in statuses], indent=2))
+            return EXIT_OK
+        width = max((len(s.name) for s in statuses), default=4)
+        for status in statuses:
+            mark = "*" if status.active else " "
+            detail = ", ".join(status.hooks) if status.active else status.how
+            print(
+                f"{mark} {status.name:<{width}}  {status.version or '-':<8}  {status.kind:<10}  "
+                f"{detail}"
+            )
+        print("\n* active; the others are installed and can be enabled as shown")
+        return EXIT_OK
+    if args.json:
         print(json.dumps([attrs.asdict(i) for i in infos], indent=2))
         return EXIT_OK
     width = max((len(i.name) for i in infos), default=4)
@@ -200,7 +335,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    data = _load_config(args).masked()
+    from nimpipe.plugins import check_stages
+
+    config = _load_config(args)
+    check_stages(config)
+    data = config.masked()
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK

@@ -2,9 +2,12 @@
 
 The file is the first found of: ``./nimpipe.toml``, ``$NIMPIPE_CONFIG``, then
 ``$XDG_CONFIG_HOME/nimpipe/nimpipe.toml`` (``~/.config/nimpipe/nimpipe.toml``).
-Environment variables override the file.  API keys are never written in the
-file: a route names the environment variable that holds its key
-(``api_key_env``).
+``NIMPIPE_CONFIG=/dev/null`` (:data:`os.devnull`) means no config file at all,
+as with pip and git.  Environment variables override the file, and an error in
+one names the variable.  API keys are never written in the file, anywhere in
+it (nested tables and lists included): a route names the environment
+variable that holds its key (``api_key_env``); an error about a key-shaped
+value names its key path, never the value.
 
 With no file at all, jaato's NIM settings (``JAATO_NIM_BASE_URL``,
 ``JAATO_NIM_API_KEY``, ``JAATO_NIM_MODEL``, ``JAATO_NIM_CONTEXT_LENGTH``)
@@ -33,17 +36,19 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
 from nimpipe.errors import ConfigError
 from nimpipe.hosts import host_of, is_private_address
-from nimpipe.redaction import API_KEY
+from nimpipe.redaction import scrub
 from nimpipe.types import Price, Route, Secret
 
 __all__ = ["HOSTED_NIM_URL", "Config", "find_config_file"]
@@ -56,6 +61,7 @@ ENV_SOURCE = "environment"
 _TOP_KEYS = {
     "default_route",
     "max_attempts",
+    "max_retry_wait",
     "stream_policy",
     "offline",
     "trace",
@@ -79,7 +85,25 @@ _ROUTE_KEYS = {
     "headers",
     "extra_body",
 }
-_SECRET_KEYS = {"api_key", "key", "token", "password", "secret", "authorization"}
+#: Keys that hold a credential, written with ``_`` for ``-`` (``X-Api-Key`` is ``x_api_key``).
+_SECRET_KEYS = {
+    "api_key",
+    "apikey",
+    "x_api_key",
+    "key",
+    "token",
+    "access_token",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "authorization",
+    "proxy_authorization",
+}
+#: The largest integer a setting may hold (what SQLite and the SDKs can store).
+_MAX_INTEGER = 2**63 - 1
+#: How deep config tables and lists may nest.
+_MAX_DEPTH = 32
 _STREAM_POLICIES = ("buffer", "sentence")
 
 
@@ -88,21 +112,39 @@ def _user_config_dir(env: Mapping[str, str]) -> Path:
     return Path(base) / "nimpipe"
 
 
+def _is_devnull(path: Path) -> bool:
+    return path == Path(os.devnull)
+
+
+def _named_file(path: Path, key: str | None) -> Path | None:
+    """``path`` if it is a file to read; ``None`` for :data:`os.devnull` (no config file)."""
+    if _is_devnull(path):
+        return None
+    if path.is_dir():
+        raise ConfigError("is a directory, not a config file", path=str(path), key=key)
+    if not path.exists():
+        raise ConfigError("file not found", path=str(path), key=key)
+    if not path.is_file():
+        raise ConfigError("is not a regular file", path=str(path), key=key)
+    return path
+
+
 def find_config_file(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path | None:
     """The config file nimpipe would read, or ``None``.
 
-    Raises :class:`ConfigError` if ``$NIMPIPE_CONFIG`` names a missing file.
+    ``$NIMPIPE_CONFIG`` set to :data:`os.devnull` means no file, not even
+    ``./nimpipe.toml``.  Raises :class:`ConfigError` if ``$NIMPIPE_CONFIG``
+    names a missing file, a directory or anything else that is not a file.
     """
     env = os.environ if env is None else env
+    named = env.get("NIMPIPE_CONFIG")
+    if named and _is_devnull(Path(named)):
+        return None
     local = (cwd or Path.cwd()) / "nimpipe.toml"
     if local.is_file():
         return local
-    named = env.get("NIMPIPE_CONFIG")
     if named:
-        path = Path(named).expanduser()
-        if not path.is_file():
-            raise ConfigError("file not found", path=str(path), key="NIMPIPE_CONFIG")
-        return path
+        return _named_file(Path(named).expanduser(), "NIMPIPE_CONFIG")
     user = _user_config_dir(env) / "nimpipe.toml"
     return user if user.is_file() else None
 
@@ -116,9 +158,23 @@ def _load_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "TOML files are UTF-8",
+            path=str(path),
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", path=str(path)) from exc
+        raise ConfigError(f"not valid TOML: {scrub(str(exc))}", path=str(path)) from None
+    except RecursionError:
+        raise ConfigError("not valid TOML: nested too deeply", path=str(path)) from None
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message shows it: short, any credential in it masked."""
+    text = scrub(repr(value))
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 # --------------------------------------------------------------------------
@@ -143,37 +199,53 @@ class FieldReader:
         """A :class:`ConfigError` about ``key``."""
         return ConfigError(problem, path=self.source, key=key)
 
+    @staticmethod
+    def shown(value: Any) -> str:
+        """``value`` as an error message may show it: short, any credential in it masked."""
+        return _shown(value)
+
     def string(self, key: str, value: Any) -> str:
         """A non-empty string, stripped."""
         if not isinstance(value, str) or not value.strip():
-            raise self.fail(key, f"must be a non-empty string, got {value!r}")
+            raise self.fail(key, f"must be a non-empty string, got {_shown(value)}")
         return value.strip()
 
     def integer(self, key: str, value: Any, minimum: int | None = 0) -> int:
-        """An integer of at least ``minimum`` (``None``: no bound)."""
+        """An integer of at least ``minimum`` (``None``: no bound) and at most ``2**63 - 1``."""
         if isinstance(value, str):
             try:
                 value = int(value.strip())
             except ValueError:
-                raise self.fail(key, f"must be an integer, got {value!r}") from None
+                raise self.fail(key, f"must be an integer, got {_shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(key, f"must be an integer, got {value!r}")
+            raise self.fail(key, f"must be an integer, got {_shown(value)}")
         if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be at least {minimum}, got {value}")
+            raise self.fail(key, f"must be at least {minimum}, got {_shown(value)}")
+        if abs(value) > _MAX_INTEGER:
+            raise self.fail(key, f"must be at most {_MAX_INTEGER}, got {_shown(value)}")
         return value
 
     def number(self, key: str, value: Any, minimum: float | None = 0.0) -> float:
-        """An ``int`` or ``float`` of at least ``minimum`` (``None``: no bound), as a float."""
+        """A finite ``int`` or ``float`` of at least ``minimum`` (``None``: no bound), as a float.
+
+        ``nan`` and ``inf`` (which TOML and :func:`float` accept) are refused.
+        """
         if isinstance(value, str):
             try:
                 value = float(value.strip())
             except ValueError:
-                raise self.fail(key, f"must be a number, got {value!r}") from None
+                raise self.fail(key, f"must be a number, got {_shown(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, f"must be a number, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.fail(key, f"must be at least {minimum}, got {value}")
-        return float(value)
+            raise self.fail(key, f"must be a number, got {_shown(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise self.fail(key, f"must be a finite number, got {_shown(value)}")
+        if minimum is not None and number < minimum:
+            raise self.fail(key, f"must be at least {minimum:g}, got {number:g}")
+        return number
 
     def boolean(self, key: str, value: Any, *, blank_is_false: bool = True) -> bool:
         """``true``/``false``, or the strings ``1``/``0``, ``yes``/``no``, ``on``/``off``.
@@ -189,7 +261,7 @@ class FieldReader:
                 return True
             if lowered in ("0", "false", "no", "off") or (blank_is_false and not lowered):
                 return False
-        raise self.fail(key, f"must be true or false, got {value!r}")
+        raise self.fail(key, f"must be true or false, got {_shown(value)}")
 
     def names(self, key: str, value: Any) -> tuple[str, ...]:
         """Names from a list of strings or a comma-separated string; blank ones dropped."""
@@ -197,39 +269,79 @@ class FieldReader:
             return tuple(n.strip() for n in value.split(",") if n.strip())
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(v.strip() for v in value if v.strip())
-        raise self.fail(key, f"must be a list of names, got {value!r}")
+        raise self.fail(key, f"must be a list of names, got {_shown(value)}")
 
     def table(self, key: str, value: Any) -> Mapping[str, Any]:
         """A table (any mapping)."""
         if not isinstance(value, Mapping):
-            raise self.fail(key, f"must be a table, got {value!r}")
+            raise self.fail(key, f"must be a table, got {_shown(value)}")
         return value
 
     def url(self, key: str, value: Any) -> str:
-        """An http(s) URL with a host, without a trailing slash."""
+        """An http(s) URL with a host and no password, without a trailing slash."""
         url = self.string(key, value).rstrip("/")
-        if not url.startswith(("http://", "https://")) or not host_of(url):
-            raise self.fail(key, f"must be an http(s) URL with a host, got {value!r}")
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            if parts.port is not None and not parts.port:
+                raise ValueError("port 0")
+        except ValueError as exc:
+            raise self.fail(key, f"is not a valid URL ({exc}): {_shown(value)}") from None
+        if not url.startswith(("http://", "https://")) or not host:
+            raise self.fail(key, f"must be an http(s) URL with a host, got {_shown(value)}")
+        if parts.password:
+            raise self.fail(
+                key, "holds a password; keep credentials out of URLs (use api_key_env or headers)"
+            )
         return url
 
 
-def _refuse_secrets(reader: FieldReader, prefix: str, table: Mapping[str, Any]) -> None:
-    for key, value in table.items():
-        if key.lower() in _SECRET_KEYS:
+def _looks_like_a_key(text: str) -> bool:
+    # nimpipe.redaction defines a credential; the two prefixes catch short test keys too.
+    return text.startswith(("nvapi-", "sk-")) or scrub(text) != text
+
+
+def _refuse_secrets(reader: FieldReader, path: str, value: Any, depth: int = 0) -> None:
+    """Refuse credentials anywhere in ``value``: by key name, or key-shaped text.
+
+    Errors name the key path (``routes.a.flags[0]``), never the value.
+    """
+    if depth > _MAX_DEPTH:
+        raise reader.fail(path, f"nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        if _looks_like_a_key(value):
             raise reader.fail(
-                f"{prefix}{key}",
-                "API keys are never written in config files: name the environment "
-                'variable that holds it instead, e.g. api_key_env = "NVIDIA_API_KEY"',
-            )
-        if isinstance(value, str) and (
-            value.startswith(("nvapi-", "sk-")) or API_KEY.search(value)
-        ):
-            raise reader.fail(
-                f"{prefix}{key}",
+                path,
                 "looks like an API key; keys are never written in config files (use api_key_env)",
             )
-        if isinstance(value, Mapping):
-            _refuse_secrets(reader, f"{prefix}{key}.", value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            name = str(key)
+            if _looks_like_a_key(name):
+                raise reader.fail(
+                    f"{path}.***" if path else "***",
+                    "a key name looks like an API key; keys are never written in config files",
+                )
+            full = f"{path}.{name}" if path else name
+            if name.lower().replace("-", "_") in _SECRET_KEYS:
+                raise reader.fail(
+                    full,
+                    "API keys are never written in config files: name the environment "
+                    'variable that holds it instead, e.g. api_key_env = "NVIDIA_API_KEY"',
+                )
+            _refuse_secrets(reader, full, item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_secrets(reader, f"{path}[{index}]", item, depth + 1)
+
+
+def _stream_policy(reader: FieldReader, key: str, value: Any) -> str:
+    policy = reader.string(key, value)
+    if policy not in _STREAM_POLICIES:
+        raise reader.fail(
+            key, f"must be one of {', '.join(_STREAM_POLICIES)}, got {_shown(policy)}"
+        )
+    return policy
 
 
 def _route_from_table(
@@ -342,6 +454,9 @@ class Config:
     default_route: str | None = None
     #: Model calls allowed per turn, retries and escalations included.
     max_attempts: int = 4
+    #: The longest wait before a retry, in seconds: a ``Retry-After`` beyond it
+    #: is not waited for (the typed error, with its ``retry_after``, is raised).
+    max_retry_wait: float = 30.0
     #: How streamed output is released while output stages run: ``buffer`` or ``sentence``.
     stream_policy: str = "buffer"
     #: Only local and self-hosted routes may be used (``NIMPIPE_OFFLINE``).
@@ -381,13 +496,13 @@ class Config:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> Config:
-        """Read the config file (``path`` or the first found) and the environment."""
+        """Read the config file (``path`` or the first found) and the environment.
+
+        ``path`` set to :data:`os.devnull` reads no file.
+        """
         env = os.environ if env is None else env
         if path is not None:
-            file: Path | None = Path(path).expanduser()
-            assert file is not None
-            if not file.is_file():
-                raise ConfigError("file not found", path=str(file))
+            file = _named_file(Path(path).expanduser(), None)
         else:
             file = find_config_file(env, cwd)
         data = _load_toml(file) if file is not None else {}
@@ -426,12 +541,17 @@ class Config:
                     routes[name] = route
 
         kwargs: dict[str, Any] = {"routes": routes, "source": source}
+        #: Where each checked-later setting came from: (reader, key) for its errors.
+        origins: dict[str, tuple[FieldReader, str]] = {}
         if "default_route" in data:
+            origins["default_route"] = (reader, "default_route")
             kwargs["default_route"] = reader.string("default_route", data["default_route"])
         if "max_attempts" in data:
             kwargs["max_attempts"] = reader.integer("max_attempts", data["max_attempts"], 1)
+        if "max_retry_wait" in data:
+            kwargs["max_retry_wait"] = reader.number("max_retry_wait", data["max_retry_wait"])
         if "stream_policy" in data:
-            kwargs["stream_policy"] = reader.string("stream_policy", data["stream_policy"])
+            kwargs["stream_policy"] = _stream_policy(reader, "stream_policy", data["stream_policy"])
         if "offline" in data:
             kwargs["offline"] = reader.boolean("offline", data["offline"])
         if "trace" in data:
@@ -459,23 +579,31 @@ class Config:
         kwargs["stage_settings"] = stage_settings
         kwargs["stages"] = tuple(enabled)
 
-        cls._apply_env(kwargs, env)
+        cls._apply_env(kwargs, env, origins)
         config = cls(**kwargs)
-        config._validate(reader)
+        config._validate(origins)
         return config
 
     @staticmethod
-    def _apply_env(kwargs: dict[str, Any], env: Mapping[str, str]) -> None:
+    def _apply_env(
+        kwargs: dict[str, Any], env: Mapping[str, str], origins: dict[str, tuple[FieldReader, str]]
+    ) -> None:
+        """Override ``kwargs`` from ``env``; every error names the variable."""
         reader = FieldReader(ENV_SOURCE)
         if env.get("NIMPIPE_ROUTE"):
             kwargs["default_route"] = reader.string("NIMPIPE_ROUTE", env["NIMPIPE_ROUTE"])
+            origins["default_route"] = (reader, "NIMPIPE_ROUTE")
         if env.get("NIMPIPE_MAX_ATTEMPTS"):
             kwargs["max_attempts"] = reader.integer(
                 "NIMPIPE_MAX_ATTEMPTS", env["NIMPIPE_MAX_ATTEMPTS"], 1
             )
+        if env.get("NIMPIPE_MAX_RETRY_WAIT"):
+            kwargs["max_retry_wait"] = reader.number(
+                "NIMPIPE_MAX_RETRY_WAIT", env["NIMPIPE_MAX_RETRY_WAIT"]
+            )
         if env.get("NIMPIPE_STREAM_POLICY"):
-            kwargs["stream_policy"] = reader.string(
-                "NIMPIPE_STREAM_POLICY", env["NIMPIPE_STREAM_POLICY"]
+            kwargs["stream_policy"] = _stream_policy(
+                reader, "NIMPIPE_STREAM_POLICY", env["NIMPIPE_STREAM_POLICY"]
             )
         if "NIMPIPE_OFFLINE" in env:
             kwargs["offline"] = reader.boolean("NIMPIPE_OFFLINE", env["NIMPIPE_OFFLINE"])
@@ -494,17 +622,12 @@ class Config:
         if "NIMPIPE_STAGES" in env:
             kwargs["stages"] = reader.names("NIMPIPE_STAGES", env["NIMPIPE_STAGES"])
 
-    def _validate(self, reader: FieldReader) -> None:
-        if self.stream_policy not in _STREAM_POLICIES:
-            raise reader.fail(
-                "stream_policy",
-                f"must be one of {', '.join(_STREAM_POLICIES)}, got {self.stream_policy!r}",
-            )
+    def _validate(self, origins: Mapping[str, tuple[FieldReader, str]]) -> None:
         if self.default_route is not None and self.default_route not in self.routes:
+            reader, key = origins["default_route"]
             known = ", ".join(self.routes) or "none configured"
             raise reader.fail(
-                "default_route",
-                f"names no configured route: {self.default_route!r} (routes: {known})",
+                key, f"names no configured route: {_shown(self.default_route)} (routes: {known})"
             )
 
     # ------------------------------------------------------------------
@@ -538,6 +661,7 @@ class Config:
             "source": self.source,
             "default_route": self.default_route,
             "max_attempts": self.max_attempts,
+            "max_retry_wait": self.max_retry_wait,
             "stream_policy": self.stream_policy,
             "offline": self.offline,
             "trace": self.trace,

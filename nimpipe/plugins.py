@@ -36,6 +36,7 @@ from nimpipe._markers import PROJECT_NAME
 from nimpipe.errors import (
     BlockedError,
     CancelledError,
+    ConfigError,
     DeadlineExceededError,
     HookError,
     OfflineError,
@@ -46,7 +47,18 @@ from nimpipe.errors import (
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
 
-__all__ = ["BUILTIN_STAGES", "CONTRIB_STAGES", "PluginInfo", "Plugins"]
+    from nimpipe.config import Config
+
+__all__ = [
+    "BUILTIN_STAGES",
+    "CONTRIB_STAGES",
+    "PluginInfo",
+    "PluginStatus",
+    "Plugins",
+    "check_stages",
+    "plugin_statuses",
+    "unknown_stage_error",
+]
 
 #: Built-in stages: short name -> module.  Registered in every pipeline.
 BUILTIN_STAGES: Mapping[str, str] = {
@@ -80,8 +92,17 @@ PIPELINE_HOOKS = frozenset(
     }
 )
 
-#: Exceptions a hook may raise on purpose; they reach the caller unwrapped.
-_PASS_THROUGH = (BlockedError, CancelledError, DeadlineExceededError, OfflineError, ProviderError)
+#: Exceptions a hook may raise on purpose; they reach the caller unwrapped.  A
+#: ``ConfigError`` (a stage's settings reader in ``configure``) already names the
+#: file and the key, which is what the user has to fix.
+_PASS_THROUGH = (
+    BlockedError,
+    CancelledError,
+    ConfigError,
+    DeadlineExceededError,
+    OfflineError,
+    ProviderError,
+)
 
 trace_log = logging.getLogger("nimpipe.trace")
 
@@ -97,6 +118,22 @@ class PluginInfo:
     kind: str  # "builtin", "contrib", "entrypoint" or "local"
     hooks: tuple[str, ...]
     module: str
+
+
+@attrs.frozen
+class PluginStatus:
+    """What ``nimpipe plugins --all`` shows about a plugin that is registered, or could be."""
+
+    name: str
+    kind: str  # "builtin", "contrib", "entrypoint" or "local"
+    module: str
+    #: Whether it is registered in the pipeline.
+    active: bool
+    #: How it was turned on, or how to turn it on (or why it is off).
+    how: str
+    version: str = ""
+    #: The hooks it implements (known for active plugins only: others are not imported).
+    hooks: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -399,3 +436,107 @@ def _new_manager() -> pluggy.PluginManager:
     # Historic: every plugin registered from now on gets ``addhooks`` called.
     pm.hook.addhooks.call_historic(kwargs={"pluginmanager": pm})
     return pm
+
+
+# --------------------------------------------------------------------------
+# Stages named by the configuration, and what could be enabled
+# --------------------------------------------------------------------------
+
+
+def unknown_stage_error(config: Config, name: str) -> ConfigError:
+    """The error for stage ``name``, which is not a contrib stage.
+
+    Names ``stages.NAME`` in the config file when a table names it, else
+    ``NIMPIPE_STAGES`` (the only other way to name a stage).
+    """
+    known = ", ".join(sorted(CONTRIB_STAGES)) or "none"
+    if name in config.stage_settings:
+        return ConfigError(
+            f"unknown stage (known: {known})", path=config.source, key=f"stages.{name}"
+        )
+    return ConfigError(
+        f"unknown stage {name!r} (known: {known})", path="environment", key="NIMPIPE_STAGES"
+    )
+
+
+def check_stages(config: Config) -> None:
+    """Refuse unknown stage names and bad settings of enabled stages, starting nothing.
+
+    Every ``[stages.NAME]`` table (enabled or not) and every name in
+    ``NIMPIPE_STAGES`` must name a contrib stage; the table of each enabled
+    stage is read the way the stage reads it when configured (unknown keys and
+    bad values are :class:`ConfigError` naming ``stages.NAME.KEY``).
+    """
+    from nimpipe_contrib._settings import check_stage_settings
+
+    for name in (*config.stage_settings, *config.stages):
+        if name not in CONTRIB_STAGES:
+            raise unknown_stage_error(config, name)
+    for name in config.stages:
+        check_stage_settings(config, name)
+
+
+def _installed_entry_points() -> list[EntryPoint]:
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=PROJECT_NAME), key=lambda ep: ep.name)
+
+
+def plugin_statuses(config: Config, plugins: Plugins) -> list[PluginStatus]:
+    """Every plugin of ``plugins``, then every built-in, contrib stage and installed
+    entry point that is not registered, with how to enable it.  Imports nothing."""
+    active = {info.name: info for info in plugins.info()}
+    out: list[PluginStatus] = []
+    seen: set[str] = set()
+
+    def add(name: str, kind: str, module: str, how: str) -> None:
+        seen.add(name)
+        info = active.get(name)
+        if info is not None:
+            out.append(
+                PluginStatus(name, info.kind, info.module, True, how, info.version, info.hooks)
+            )
+        else:
+            out.append(PluginStatus(name, kind, module, False, how))
+
+    def off(name: str) -> str | None:
+        if name in plugins.skipped:
+            return f"skipped: {plugins.skipped[name]}"
+        if name in plugins._blocked:
+            return f"disabled by NIMPIPE_DISABLE_PLUGINS or [plugins] disable; remove {name} there"
+        return None
+
+    for name, module in BUILTIN_STAGES.items():
+        why = off(name)
+        add(name, "builtin", module, why or f"built in (NIMPIPE_DISABLE_PLUGINS={name} removes it)")
+    for name, module in CONTRIB_STAGES.items():
+        why = off(name)
+        if why is None and name in active:
+            why = (
+                f"enabled by its [stages.{name}] table"
+                if name in config.stage_settings
+                else "enabled by NIMPIPE_STAGES"
+            )
+        elif why is None and name in config.stage_settings:
+            why = (
+                f"its [stages.{name}] table says enabled = false; "
+                f"remove that line, or set NIMPIPE_STAGES={name}"
+            )
+        elif why is None:
+            why = f"enable with a [stages.{name}] table in nimpipe.toml, or NIMPIPE_STAGES={name}"
+        add(name, "contrib", module, why)
+    for ep in _installed_entry_points():
+        if ep.name in seen:
+            continue
+        why = off(ep.name)
+        if why is None:
+            why = (
+                "installed, loaded"
+                if ep.name in active
+                else f"installed; enable with NIMPIPE_LOAD_PLUGINS={ep.name} or [plugins] load"
+            )
+        add(ep.name, "entrypoint", ep.value, why)
+    for name, info in active.items():
+        if name not in seen:
+            add(name, info.kind, info.module, "registered by the program")
+    return out

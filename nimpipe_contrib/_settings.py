@@ -1,8 +1,12 @@
-"""Typed access to one stage's ``[stages.NAME]`` table.
+"""Typed access to one stage's ``[stages.NAME]`` table, and checking every stage's table.
 
 Every problem is a :class:`~nimpipe.errors.ConfigError` naming the config file
 and the full key (``stages.budget.daily_usd``), so that a typo in a stage
 setting reads like a typo anywhere else in ``nimpipe.toml``.
+
+:func:`check_stage_settings` reads a stage's table the way the stage does
+when it is configured, without starting it (no thread, no file, no
+connection): ``nimpipe config`` uses it to report bad stage settings.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import attrs
 from nimpipe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nimpipe.config import FieldReader
+    from nimpipe.config import Config, FieldReader
     from nimpipe.pipeline import Pipeline
 
-__all__ = ["StageSettings"]
+__all__ = ["SETTINGS_READERS", "StageSettings", "check_stage_settings"]
 
 _MISSING: Any = object()
 
@@ -92,9 +96,7 @@ class StageSettings:
         """A number (``int`` or ``float``; returned as ``float``), or ``default`` when absent."""
 
         def read(path: str, value: Any) -> float:
-            number = self._reader.number(path, value, minimum=None)
-            if number != number:
-                raise self._reader.fail(path, "must be a number, got NaN")
+            number = self._reader.number(path, value, minimum=None)  # refuses nan and inf
             if minimum is not None and number < minimum:
                 raise self._reader.fail(path, f"must be at least {minimum:g}, got {number:g}")
             if maximum is not None and number > maximum:
@@ -135,7 +137,9 @@ class StageSettings:
             if isinstance(value, str):
                 value = [value]
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-                raise self._reader.fail(path, f"must be a list of strings, got {value!r}")
+                raise self._reader.fail(
+                    path, f"must be a list of strings, got {self._reader.shown(value)}"
+                )
             return tuple(v.strip() for v in value)
 
         return self._read(key, default, read)
@@ -144,11 +148,13 @@ class StageSettings:
         """A list of numbers, returned as floats."""
 
         def read(path: str, value: Any) -> tuple[float, ...]:
-            if not isinstance(value, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            ):
-                raise self._reader.fail(path, f"must be a list of numbers, got {value!r}")
-            return tuple(float(v) for v in value)
+            if not isinstance(value, list):
+                raise self._reader.fail(
+                    path, f"must be a list of numbers, got {self._reader.shown(value)}"
+                )
+            return tuple(
+                self._reader.number(f"{path}[{i}]", v, minimum=None) for i, v in enumerate(value)
+            )
 
         return self._read(key, default, read)
 
@@ -156,7 +162,7 @@ class StageSettings:
         """An array of tables (``[[stages.NAME.key]]``), each as its own settings."""
         value = self.table.get(key, [])
         if not isinstance(value, list):
-            raise self.fail(key, f"must be an array of tables, got {value!r}")
+            raise self.fail(key, f"must be an array of tables, got {self._reader.shown(value)}")
         return [self.item(key, i, v) for i, v in enumerate(value)]
 
     def _read(self, key: str, default: Any, read: Callable[[str, Any], Any]) -> Any:
@@ -166,3 +172,83 @@ class StageSettings:
                 raise self.fail(key, "is required")
             return default
         return read(self.key(key), self.table[key])
+
+
+# --------------------------------------------------------------------------
+# Checking a stage's table without starting the stage
+# --------------------------------------------------------------------------
+
+
+def _read_catalog(config: Config) -> None:
+    from nimpipe_contrib.catalog import CatalogSettings
+
+    CatalogSettings.from_table(config.stage("nim_catalog"), config.source)
+
+
+def _read_health(config: Config) -> None:
+    from nimpipe_contrib.health import HealthSettings
+
+    HealthSettings.from_table(config.stage("nim_health"), config.source)
+
+
+def _read_ledger(config: Config) -> None:
+    from nimpipe_contrib.ledger import Ledger
+
+    Ledger.from_settings(StageSettings.from_config(config, "ledger"))  # opens nothing yet
+
+
+def _read_budget(config: Config) -> None:
+    from nimpipe_contrib.budget import create_plugin
+
+    create_plugin().apply_settings(StageSettings.from_config(config, "budget"))
+
+
+def _read_router(config: Config) -> None:
+    from nimpipe_contrib.router import create_plugin
+
+    create_plugin().apply_settings(
+        StageSettings.from_config(config, "router"), tuple(config.routes)
+    )
+
+
+def _read_cascade(config: Config) -> None:
+    from nimpipe_contrib.cascade import CascadeSettings
+
+    CascadeSettings.from_settings(StageSettings.from_config(config, "cascade"))
+
+
+def _read_guardrails(config: Config) -> None:
+    from nimpipe_contrib.guardrails import GuardrailsSettings
+
+    GuardrailsSettings.from_config(config)
+
+
+def _read_pii(config: Config) -> None:
+    from nimpipe_contrib.pii import PiiSettings
+
+    PiiSettings.from_table(config.stage("pii_redactor"), config.source)
+
+
+#: How each contrib stage reads its ``[stages.NAME]`` table, by stage name: the
+#: reader the stage's ``configure`` uses, called on its own.  Every stage of
+#: ``nimpipe.plugins.CONTRIB_STAGES`` has one (a test checks).
+SETTINGS_READERS: Mapping[str, Callable[[Config], None]] = {
+    "nim_catalog": _read_catalog,
+    "nim_health": _read_health,
+    "ledger": _read_ledger,
+    "budget": _read_budget,
+    "router": _read_router,
+    "cascade": _read_cascade,
+    "guardrails": _read_guardrails,
+    "pii_redactor": _read_pii,
+}
+
+
+def check_stage_settings(config: Config, name: str) -> None:
+    """Read stage ``name``'s table as the stage would; raises :class:`ConfigError` naming the key.
+
+    Does nothing for a stage with no reader in :data:`SETTINGS_READERS`.
+    """
+    reader = SETTINGS_READERS.get(name)
+    if reader is not None:
+        reader(config)

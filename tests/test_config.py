@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,211 @@ def test_route_extra_body_from_config() -> None:
         }
     }
     assert Config.from_dict(data, env={}).routes["a"].extra_body == {"nvext": {"top_k": 5}}
+
+
+def fake_key() -> str:
+    """A key-shaped value, built at run time (the repository holds no key-shaped literal)."""
+    return "nva" + "pi-" + "Q7rT" * 10
+
+
+ROUTE = "[routes.a]\nbase_url = 'http://127.0.0.1:1/v1'\nmodel = 'm'\n"
+
+
+def test_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "nimpipe.toml"
+    file.write_bytes(b"# caf\xe9\nmax_attempts = 2\n")
+    with pytest.raises(ConfigError) as info:
+        Config.load(file, env={})
+    assert info.value.path == str(file)
+    assert "not UTF-8" in str(info.value) and "0xe9" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_dev_null_means_no_config_file(tmp_path: Path) -> None:
+    write(tmp_path / "nimpipe.toml", "max_attempts = 2\n")
+    user_dir = tmp_path / "xdg" / "nimpipe"
+    user_dir.mkdir(parents=True)
+    write(user_dir / "nimpipe.toml", "max_attempts = 3\n")
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "NIMPIPE_CONFIG": os.devnull}
+    assert find_config_file(env, tmp_path) is None
+    config = Config.load(env=env, cwd=tmp_path)
+    assert config.source is None and config.max_attempts == 4
+    assert Config.load(os.devnull, env={}).source is None
+
+
+@pytest.mark.parametrize("how", ["env", "path"])
+def test_directory_or_device_is_a_clear_error(tmp_path: Path, how: str) -> None:
+    for target, problem in ((tmp_path, "is a directory"), (Path("/dev/zero"), "not a regular")):
+        with pytest.raises(ConfigError) as info:
+            if how == "env":
+                find_config_file({"NIMPIPE_CONFIG": str(target)}, tmp_path / "elsewhere")
+            else:
+                Config.load(target, env={})
+        assert problem in str(info.value) and info.value.path == str(target)
+        assert info.value.key == ("NIMPIPE_CONFIG" if how == "env" else None)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (ROUTE + "timeout = nan\n", "routes.a.timeout"),
+        (ROUTE + "timeout = inf\n", "routes.a.timeout"),
+        (ROUTE + "connect_timeout = -inf\n", "routes.a.connect_timeout"),
+        (ROUTE + "price = { input_per_1k = nan }\n", "routes.a.price.input_per_1k"),
+        (ROUTE + "price = { output_per_1k = inf }\n", "routes.a.price.output_per_1k"),
+        (ROUTE + "max_retries = 100000000000000000000\n", "routes.a.max_retries"),
+        ("max_retry_wait = inf\n", "max_retry_wait"),
+    ],
+)
+def test_numbers_must_be_finite_and_bounded(tmp_path: Path, text: str, key: str) -> None:
+    file = write(tmp_path / "nimpipe.toml", text)
+    with pytest.raises(ConfigError) as info:
+        Config.load(file, env={})
+    assert info.value.key == key and info.value.path == str(file)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_environment_numbers_must_be_finite(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({}, env={"NIMPIPE_MAX_RETRY_WAIT": value})
+    assert info.value.key == "NIMPIPE_MAX_RETRY_WAIT" and info.value.path == "environment"
+
+
+def test_stage_settings_refuse_nan_and_inf() -> None:
+    from nimpipe_contrib._settings import StageSettings
+
+    for value in (float("nan"), float("inf"), "nan"):
+        settings = StageSettings("s", {"x": value, "xs": [1.0, value]}, "f.toml", "stages.s")
+        with pytest.raises(ConfigError) as info:
+            settings.number("x")
+        assert info.value.key == "stages.s.x"
+        with pytest.raises(ConfigError) as info:
+            settings.numbers("xs")
+        assert info.value.key == "stages.s.xs[1]"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"NIMPIPE_STREAM_POLICY": "drip"}, "NIMPIPE_STREAM_POLICY"),
+        ({"NIMPIPE_ROUTE": "ghost"}, "NIMPIPE_ROUTE"),
+        ({"NIMPIPE_TRACE": "perhaps"}, "NIMPIPE_TRACE"),
+        ({"NIMPIPE_LOAD_PLUGINS": "5"}, None),  # a name list: any string is fine
+        ({"NIMPIPE_BASE_URL": "http://[::1/v1", "NIMPIPE_MODEL": "m"}, "NIMPIPE_BASE_URL"),
+        (
+            {
+                "NIMPIPE_CONTEXT_LENGTH": "0",
+                "NIMPIPE_MODEL": "m",
+                "NIMPIPE_BASE_URL": "http://127.0.0.1:1/v1",
+            },
+            "NIMPIPE_CONTEXT_LENGTH",
+        ),
+    ],
+)
+def test_every_environment_error_names_the_variable(
+    env: dict[str, str], variable: str | None
+) -> None:
+    data = {
+        "stream_policy": "buffer",
+        "routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}},
+        "default_route": "a",
+    }
+    if variable is None:
+        Config.from_dict(data, env=env)
+        return
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(data, env=env, source="nimpipe.toml")
+    assert info.value.key == variable and info.value.path == "environment"
+
+
+def test_file_errors_still_name_the_file_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"stream_policy": "drip"}, env={}, source="nimpipe.toml")
+    assert (info.value.key, info.value.path) == ("stream_policy", "nimpipe.toml")
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"default_route": "ghost"}, env={}, source="nimpipe.toml")
+    assert (info.value.key, info.value.path) == ("default_route", "nimpipe.toml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("flags = ['fast', '{key}']", "routes.a.flags[1]"),
+        ("flags = ['{key}', 5]", "routes.a.flags[0]"),
+        ("headers = {{ X-Extra = '{key}' }}", "routes.a.headers.X-Extra"),
+        ("headers = {{ X-Extra = 'Bearer abc.def-123456789' }}", "routes.a.headers.X-Extra"),
+        ("headers = {{ X-Api-Key = 'short' }}", "routes.a.headers.X-Api-Key"),
+        (
+            "extra_body = {{ nvext = {{ hints = [['{key}']] }} }}",
+            "routes.a.extra_body.nvext.hints[0][0]",
+        ),
+        ("extra_body = {{ '{key}' = 1 }}", "routes.a.extra_body.***"),
+        ("price = {{ input_per_1k = '{key}' }}", "routes.a.price.input_per_1k"),
+    ],
+)
+def test_keys_anywhere_are_refused_naming_the_path_not_the_value(extra: str, key: str) -> None:
+    import tomllib
+
+    secret = fake_key()
+    data = tomllib.loads(ROUTE + extra.format(key=secret) + "\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(data, env={}, source="nimpipe.toml")
+    assert info.value.key == key, str(info.value)
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert secret[6:20] not in str(info.value)
+
+
+def test_stage_list_with_a_key_is_refused() -> None:
+    secret = fake_key()
+    data = {"stages": {"guardrails": {"denied_tools": ["shell", secret]}}}
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(data, env={})
+    assert info.value.key == "stages.guardrails.denied_tools[1]"
+    assert secret not in str(info.value)
+
+
+def test_error_messages_never_echo_a_key() -> None:
+    """Wherever a reader shows a bad value, a key in it is masked (here from the environment,
+    which the file check does not see)."""
+    secret = fake_key()
+    for env in (
+        {"NIMPIPE_BASE_URL": secret, "NIMPIPE_MODEL": "m"},
+        {"NIMPIPE_MAX_ATTEMPTS": secret},
+        {"NIMPIPE_OFFLINE": secret},
+        {"NIMPIPE_STREAM_POLICY": secret},
+        {"NIMPIPE_ROUTE": secret},
+    ):
+        with pytest.raises(ConfigError) as info:
+            Config.from_dict({}, env=env)
+        assert secret not in str(info.value), env
+        assert secret[6:20] not in str(info.value), env
+
+
+def test_url_with_a_password_is_refused() -> None:
+    data = {
+        "routes": {"a": {"base_url": "http://user:hunter2hunter2@127.0.0.1:1/v1", "model": "m"}}
+    }
+    with pytest.raises(ConfigError, match="password") as info:
+        Config.from_dict(data, env={})
+    assert info.value.key == "routes.a.base_url" and "hunter2" not in str(info.value)
+
+
+def test_nesting_is_bounded() -> None:
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(200):
+        node["n"] = {}
+        node = node["n"]  # type: ignore[assignment]
+    data = {
+        "routes": {"a": {"base_url": "http://127.0.0.1:1/v1", "model": "m", "extra_body": deep}}
+    }
+    with pytest.raises(ConfigError, match="nested more than"):
+        Config.from_dict(data, env={})
+
+
+def test_deeply_nested_toml_is_a_config_error(tmp_path: Path) -> None:
+    file = tmp_path / "nimpipe.toml"
+    file.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        Config.load(file, env={})
+    assert info.value.path == str(file)

@@ -12,6 +12,7 @@ from nimpipe import Route, Turn, hookimpl, hookspec
 from nimpipe.config import Config
 from nimpipe.errors import PluginLoadError
 from nimpipe.pipeline import Pipeline
+from nimpipe.plugins import CONTRIB_STAGES
 
 
 def install_dist(
@@ -229,3 +230,91 @@ def test_configure_and_unconfigure_run_once() -> None:
 
     with pytest.raises(NimpipeError, match="closed"):
         pipeline.run(Turn.create("x"))
+
+
+# ----------------------------------------------------------------------
+# stage settings: config errors reach the caller as config errors
+# ----------------------------------------------------------------------
+
+
+class StrictStage:
+    @hookimpl
+    def configure(self, pipeline: Pipeline) -> None:
+        from nimpipe_contrib._settings import StageSettings
+
+        StageSettings.of(pipeline, "strict").number("level")
+
+
+def test_config_error_in_configure_is_not_wrapped() -> None:
+    from nimpipe.errors import ConfigError, HookError
+
+    cfg = Config.from_dict({"stages": {"strict": {"level": "high", "enabled": False}}}, env={})
+    with pytest.raises(ConfigError) as info:
+        Pipeline.create(cfg, plugins=[("strict", StrictStage())], entrypoints=False)
+    assert not isinstance(info.value, HookError)
+    assert info.value.key == "stages.strict.level"
+    with pytest.raises(ConfigError) as info:
+        Pipeline.create(config(stages={"budget": {"daily_usd": "lots"}}), entrypoints=False)
+    assert info.value.key == "stages.budget.daily_usd"
+
+
+def test_every_contrib_stage_has_a_settings_reader() -> None:
+    from nimpipe_contrib._settings import SETTINGS_READERS
+
+    assert set(SETTINGS_READERS) == set(CONTRIB_STAGES)
+
+
+#: Settings each stage needs to read an otherwise empty table (guardrails needs a backend).
+_MINIMAL: dict[str, dict[str, Any]] = {"guardrails": {"backends": []}}
+
+
+@pytest.mark.parametrize("name", sorted(CONTRIB_STAGES))
+def test_check_stages_reads_each_table_as_the_stage_does(name: str, tmp_path: Path) -> None:
+    """An unknown key in any contrib stage's table is an error naming it; a good table passes,
+    and checking starts nothing (no thread, no file)."""
+    import threading
+
+    from nimpipe.errors import ConfigError
+    from nimpipe.plugins import check_stages
+
+    good: dict[str, Any] = dict(_MINIMAL.get(name, {}))
+    if name == "ledger":
+        good["path"] = str(tmp_path / "ledger.sqlite")
+    threads = threading.active_count()
+    check_stages(config(stages={name: good}))
+    assert threading.active_count() == threads
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError) as info:
+        check_stages(config(stages={name: {**good, "no_such_setting": 1}}))
+    assert info.value.key == f"stages.{name}.no_such_setting"
+
+
+def test_check_stages_names_where_an_unknown_stage_came_from() -> None:
+    from nimpipe.errors import ConfigError
+    from nimpipe.plugins import check_stages
+
+    with pytest.raises(ConfigError, match="known: budget") as info:
+        check_stages(Config.from_dict({"stages": {"ghost": {}}}, env={}, source="n.toml"))
+    assert (info.value.key, info.value.path) == ("stages.ghost", "n.toml")
+    with pytest.raises(ConfigError, match="'ghost'") as info:
+        check_stages(Config.from_dict({}, env={"NIMPIPE_STAGES": "cascade,ghost"}))
+    assert (info.value.key, info.value.path) == ("NIMPIPE_STAGES", "environment")
+    # A disabled table's settings are not read, but its name must be a stage.
+    check_stages(config(stages={"guardrails": {"enabled": False}}))
+    with pytest.raises(ConfigError):
+        check_stages(config(stages={"ghost": {"enabled": False}}))
+
+
+def test_statuses_list_entry_points_that_could_be_loaded(dists: Path) -> None:
+    from nimpipe.plugins import plugin_statuses
+
+    cfg = config(plugins={"load": ["alpha"], "disable": ["default_route"]})
+    with Pipeline.create(cfg) as pipeline:
+        statuses = {s.name: s for s in plugin_statuses(pipeline.config, pipeline.plugins)}
+    assert statuses["alpha"].active and statuses["alpha"].version == "1.2.3"
+    assert statuses["alpha"].hooks == ("pre_input",)
+    assert not statuses["beta"].active and statuses["beta"].kind == "entrypoint"
+    assert "NIMPIPE_LOAD_PLUGINS=beta" in statuses["beta"].how
+    assert not statuses["default_route"].active
+    assert "NIMPIPE_DISABLE_PLUGINS" in statuses["default_route"].how
+    assert not statuses["ledger"].active and "NIMPIPE_STAGES=ledger" in statuses["ledger"].how
