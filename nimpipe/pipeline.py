@@ -28,14 +28,19 @@ from nimpipe.config import Config
 from nimpipe.errors import (
     BlockedError,
     CancelledError,
-    ConfigError,
     DeadlineExceededError,
     NimpipeError,
     NoRouteError,
     PluginLoadError,
     ProviderError,
 )
-from nimpipe.plugins import BUILTIN_STAGES, CONTRIB_STAGES, Plugins, Resolver
+from nimpipe.plugins import (
+    BUILTIN_STAGES,
+    CONTRIB_STAGES,
+    Plugins,
+    Resolver,
+    unknown_stage_error,
+)
 from nimpipe.provider import OpenAIProvider
 from nimpipe.types import (
     Accept,
@@ -279,10 +284,7 @@ class Pipeline:
         for name in config.stages:
             contrib = CONTRIB_STAGES.get(name)
             if contrib is None:
-                known = ", ".join(sorted(CONTRIB_STAGES)) or "none"
-                raise ConfigError(
-                    f"unknown stage (known: {known})", path=config.source, key=f"stages.{name}"
-                )
+                raise unknown_stage_error(config, name)
             registry.register_module(name, contrib, kind="contrib")
         for item in plugins:
             if isinstance(item, tuple):
@@ -301,7 +303,13 @@ class Pipeline:
         if config.offline:
             _go_offline(config, registry)
         pipeline = cls(config, registry, provider or OpenAIProvider())
-        _sync.drive(registry.collect("configure", _sync.resolve_blocking, pipeline=pipeline))
+        try:
+            _sync.drive(registry.collect("configure", _sync.resolve_blocking, pipeline=pipeline))
+        except BaseException:
+            # Stages already configured may have started work: stop them.
+            with contextlib.suppress(Exception):
+                pipeline.close()
+            raise
         return pipeline
 
     def close(self) -> None:
