@@ -2,15 +2,15 @@
 
 Each exception carries the object it is about (the route, the plugin, the file)
 so that callers can act on it without parsing messages.  None of them ever
-holds an API key: routes keep keys in :class:`nimpipe.types.Secret`, whose
-``repr`` is masked.
+shows an API key, even one a server echoed: see :class:`NimpipeError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from nimpipe.redaction import scrub
+from nimpipe.redaction import contains_secret, scrub, scrub_data, scrub_fields
 
 if TYPE_CHECKING:
     from nimpipe.types import Block, Route, Turn
@@ -23,6 +23,7 @@ __all__ = [
     "ContextOverflowError",
     "DeadlineExceededError",
     "HookError",
+    "InvalidRequestError",
     "MalformedReplyError",
     "NimpipeError",
     "NoRouteError",
@@ -30,13 +31,166 @@ __all__ = [
     "PluginLoadError",
     "ProviderError",
     "RateLimitError",
+    "RedactedError",
     "TimeoutError",
     "UnavailableError",
+    "redacted",
 ]
 
 
+#: The exception links as :class:`BaseException` stores them.
+_CAUSE: Any = BaseException.__dict__["__cause__"]
+_CONTEXT: Any = BaseException.__dict__["__context__"]
+#: How many chained exceptions are examined (chains can be cycles).
+_MAX_CHAIN = 64
+
+
 class NimpipeError(Exception):
-    """Base class of every error nimpipe raises."""
+    """Base class of every error nimpipe raises.
+
+    It never shows a secret (a registered key or anything key-shaped, see
+    :mod:`nimpipe.redaction`): its arguments and attributes are scrubbed when
+    they are set, its ``str`` and ``repr`` are scrubbed, and an exception of
+    another library that it is chained to and whose text would show a secret
+    reads, through ``__cause__`` and ``__context__`` (what :mod:`traceback`,
+    :mod:`logging` and pytest print), as a :class:`RedactedError` with the
+    scrubbed text.  Chained exceptions that show no secret are kept as they are.
+    """
+
+    # The stand-ins given out for chained exceptions, by the id of the exception they
+    # stand in for (kept beside it, so that the id stays valid); a slot, not in vars().
+    __slots__ = ("_nimpipe_links",)
+    _nimpipe_links: dict[int, tuple[BaseException, BaseException]]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(scrub_data(arg) for arg in args))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (name.startswith("__") and name.endswith("__")):
+            value = _scrubbed_attribute(value)
+        super().__setattr__(name, value)
+
+    def __str__(self) -> str:
+        return scrub(super().__str__())
+
+    def __repr__(self) -> str:
+        return scrub(super().__repr__())
+
+    @property
+    def __cause__(self) -> BaseException | None:
+        return self._safe_link(_CAUSE.__get__(self))
+
+    @__cause__.setter
+    def __cause__(self, value: BaseException | None) -> None:
+        _CAUSE.__set__(self, value)
+
+    @property
+    def __context__(self) -> BaseException | None:
+        return self._safe_link(_CONTEXT.__get__(self))
+
+    @__context__.setter
+    def __context__(self, value: BaseException | None) -> None:
+        _CONTEXT.__set__(self, value)
+
+    def _safe_link(self, link: BaseException | None) -> BaseException | None:
+        if link is None or isinstance(link, NimpipeError):
+            return link
+        try:
+            memo = self._nimpipe_links
+        except AttributeError:
+            memo = {}
+            object.__setattr__(self, "_nimpipe_links", memo)
+        return redacted(link, memo)
+
+
+class RedactedError(NimpipeError):
+    """Stands in for another library's exception whose text would show a secret.
+
+    Carries the original's type (``original_type``, a dotted name), its
+    scrubbed message and its traceback, and is chained as the original was
+    (to stand-ins, where those would show a secret too).
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        kind = type(original)
+        module = "" if kind.__module__ == "builtins" else f"{kind.__module__}."
+        #: The dotted name of the exception type this stands in for.
+        self.original_type = f"{module}{kind.__qualname__}"
+        text = _text(str, original)
+        super().__init__(f"{self.original_type}: {text}" if text else self.original_type)
+        self.__traceback__ = original.__traceback__
+
+
+def redacted(
+    exc: BaseException | None, memo: dict[int, tuple[BaseException, BaseException]] | None = None
+) -> BaseException | None:
+    """``exc``, or a :class:`RedactedError` standing in for it when it would show a secret.
+
+    For chaining an exception of another library that may quote a server:
+    ``raise UnavailableError(...) from redacted(exc)``.  ``exc`` is returned
+    itself when neither it nor anything it is chained to shows a secret in
+    its text, its arguments or its string attributes; nimpipe errors are
+    always returned themselves (they scrub themselves).
+    """
+    if exc is None or isinstance(exc, NimpipeError):
+        return exc
+    memo = {} if memo is None else memo
+    return _redacted(exc, memo, 0)
+
+
+def _redacted(
+    exc: BaseException | None, memo: dict[int, tuple[BaseException, BaseException]], depth: int
+) -> BaseException | None:
+    if exc is None or isinstance(exc, NimpipeError):
+        return exc
+    seen = memo.get(id(exc))
+    if seen is not None and seen[0] is exc:
+        return seen[1]
+    if not _shows_secret(exc, set(), 0):
+        memo[id(exc)] = (exc, exc)
+        return exc
+    stand_in = RedactedError(exc)
+    memo[id(exc)] = (exc, stand_in)
+    if depth < _MAX_CHAIN:
+        _CAUSE.__set__(stand_in, _redacted(_CAUSE.__get__(exc), memo, depth + 1))
+        _CONTEXT.__set__(stand_in, _redacted(_CONTEXT.__get__(exc), memo, depth + 1))
+    stand_in.__suppress_context__ = exc.__suppress_context__
+    return stand_in
+
+
+def _text(show: Any, value: Any) -> str:
+    try:
+        return str(show(value))
+    except Exception:
+        return ""
+
+
+def _shows_secret(exc: BaseException | None, seen: set[int], depth: int) -> bool:
+    """Whether ``exc`` or an exception it is chained to would show a secret."""
+    if exc is None or isinstance(exc, NimpipeError) or id(exc) in seen or depth > _MAX_CHAIN:
+        return False
+    seen.add(id(exc))
+    texts = [_text(str, exc), _text(repr, exc)]
+    texts += [_text(str, note) for note in getattr(exc, "__notes__", None) or ()]
+    if any(contains_secret(text) for text in texts):
+        return True
+    for value in getattr(exc, "__dict__", {}).values():
+        if isinstance(value, (str, bytes, Mapping, list, tuple)) and scrub_data(value) is not value:
+            return True
+    return _shows_secret(_CAUSE.__get__(exc), seen, depth + 1) or _shows_secret(
+        _CONTEXT.__get__(exc), seen, depth + 1
+    )
+
+
+def _scrubbed_attribute(value: Any) -> Any:
+    """An attribute value of an error with every secret masked (the value itself if none)."""
+    if isinstance(value, (str, bytes, Mapping, list, tuple)):
+        return scrub_data(value)
+    from nimpipe.types import Block, Verdict
+
+    if isinstance(value, (Block, Verdict)):
+        return scrub_fields(value)
+    return value
 
 
 class ConfigError(NimpipeError):
@@ -152,6 +306,10 @@ class ProviderError(NimpipeError):
         return _KINDS.get(type(self), "provider_error")
 
 
+class InvalidRequestError(ProviderError):
+    """The request cannot be sent as it is (invalid text, nesting too deep); never retried."""
+
+
 class AuthenticationError(ProviderError):
     """The endpoint refused the API key (HTTP 401 or 403)."""
 
@@ -186,6 +344,7 @@ class TimeoutError(ProviderError):
 
 _KINDS: dict[type, str] = {
     ProviderError: "provider_error",
+    InvalidRequestError: "invalid_request",
     AuthenticationError: "authentication",
     RateLimitError: "rate_limit",
     ContextOverflowError: "context_overflow",

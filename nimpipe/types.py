@@ -7,6 +7,7 @@ output returns a new value (``attrs.evolve``), it never mutates one in place.
 from __future__ import annotations
 
 import enum
+import hmac
 import itertools
 import os
 import time
@@ -14,6 +15,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, Union
 
 import attrs
+
+from nimpipe.redaction import register_secret
 
 __all__ = [
     "Accept",
@@ -76,11 +79,25 @@ class FinishReason(str, enum.Enum):
             return cls.STOP
 
 
-@attrs.frozen(repr=False)
 class Secret:
-    """An API key.  Its ``repr`` and ``str`` are masked; ``reveal()`` gives the value."""
+    """An API key.  Its ``repr`` and ``str`` are masked; ``reveal()`` gives the value.
 
-    _value: str = attrs.field(alias="value")
+    Not an attrs class, so ``attrs.asdict`` and ``attrs.astuple`` of a route
+    keep the key wrapped (and masked) instead of unwrapping it.  Every value is
+    registered with :func:`nimpipe.redaction.register_secret`, so that errors,
+    logs, cassettes and records mask it wherever a server echoes it.  Equal
+    values compare equal and hash alike (routes are dictionary keys).
+    """
+
+    __slots__ = ("_value",)
+
+    _value: str
+
+    def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"a Secret holds a str, not {type(value).__name__}")
+        object.__setattr__(self, "_value", value)
+        register_secret(value)
 
     def reveal(self) -> str:
         """Return the secret itself (only for putting it on the wire)."""
@@ -93,6 +110,36 @@ class Secret:
 
     def __bool__(self) -> bool:
         return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash((Secret, self._value))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Secret is immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Secret is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Secret, (self._value,))
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Secret:
+        return self
+
+
+def _secret(value: Secret | str | None) -> Secret | None:
+    """A route's key as a :class:`Secret` (a plain string is wrapped, never kept bare)."""
+    if value is None or isinstance(value, Secret):
+        return value
+    return Secret(value)
 
 
 # --------------------------------------------------------------------------
@@ -302,7 +349,7 @@ class Route:
     tier: int = 0
     price: Price | None = None
     self_hosted: bool = False
-    api_key: Secret | None = None
+    api_key: Secret | None = attrs.field(default=None, converter=_secret)
     #: Name of the environment variable the key was read from (for messages).
     api_key_env: str | None = None
     timeout: float = 60.0
@@ -334,11 +381,16 @@ class Route:
 
 @attrs.frozen(kw_only=True)
 class Usage:
-    """Token counts for one model call; ``source`` is ``server`` or ``estimated``."""
+    """Token counts for one model call.
+
+    ``source`` is ``server`` (as reported), ``estimated`` (counted locally),
+    ``clamped`` (the server reported more completion tokens than the request
+    allowed; the count is cut to the cap) or ``none`` (nothing known yet).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    source: Literal["server", "estimated", "none"] = "server"
+    source: Literal["server", "estimated", "clamped", "none"] = "server"
 
     @property
     def total_tokens(self) -> int:
