@@ -11,8 +11,10 @@ Cassettes are replay-only by default: a request that is not in the cassette
 fails at once instead of reaching the network.  ``--nimpipe-record`` records
 new interactions (``--nimpipe-record=all`` re-records whole cassettes).
 Requests are matched on method, URL and body, so a different prompt never gets
-a recorded answer; ``Authorization`` and API-key headers are scrubbed before
-anything is written.
+a recorded answer.  Nothing secret is written: credential headers are dropped,
+and every registered key and everything key-shaped is masked in URLs, headers
+and bodies of requests and responses (a server may echo the key it got; see
+:mod:`nimpipe.testing.cassette_filters`).
 
 Ini option ``nimpipe_cassette_dir`` sets where cassettes live (default
 ``cassettes`` beside the rootdir).  Needs ``vcrpy`` (``pip install
@@ -27,10 +29,15 @@ from typing import Any
 
 import pytest
 
-#: Request headers never written to a cassette.
-SCRUBBED_HEADERS = ("authorization", "api-key", "x-api-key", "openai-organization", "cookie")
-#: Response headers never written to a cassette.
-SCRUBBED_RESPONSE_HEADERS = ("set-cookie",)
+from nimpipe.testing.cassette_filters import (
+    SCRUBBED_HEADERS,
+    SCRUBBED_RESPONSE_HEADERS,
+    scrub_request,
+    scrub_response,
+)
+
+__all__ = ["MATCH_ON", "SCRUBBED_HEADERS", "SCRUBBED_RESPONSE_HEADERS", "vcr_settings"]
+
 #: What a request is matched on when replayed.
 MATCH_ON = ("method", "scheme", "host", "port", "path", "query", "body")
 
@@ -55,22 +62,15 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _scrub_response(response: dict[str, Any]) -> dict[str, Any]:
-    headers = response.get("headers") or {}
-    for name in list(headers):
-        if name.lower() in SCRUBBED_RESPONSE_HEADERS:
-            del headers[name]
-    return response
-
-
 def vcr_settings(cassette_dir: str | Path, record_mode: str = "none") -> dict[str, Any]:
-    """The vcrpy settings nimpipe uses: replay-only, matched on the body, secrets scrubbed."""
+    """The vcrpy settings nimpipe uses: replay-only, matched on the body, every secret masked."""
     return {
         "cassette_library_dir": str(cassette_dir),
         "record_mode": record_mode,
         "match_on": MATCH_ON,
         "filter_headers": list(SCRUBBED_HEADERS),
-        "before_record_response": _scrub_response,
+        "before_record_request": scrub_request,
+        "before_record_response": scrub_response,
         "decode_compressed_response": True,
     }
 
