@@ -39,6 +39,10 @@ What it does on every turn:
 - **verdicts**: every check gives a :class:`~nimpipe.types.Verdict` (rail,
   decision, backend, latency) recorded per turn (:meth:`GuardrailsStage.verdicts`)
   and logged on ``nimpipe.guardrails``; a block names the rail in ``Block.rule``.
+- **secrets**: whatever a backend or a provider says (rail names, details,
+  error messages) is scrubbed of keys (:func:`nimpipe.redaction.scrub`)
+  before it reaches a verdict, a block's reason or a log line; the keys of
+  the backends are registered as secrets.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import attrs
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError, NimpipeError
 from nimpipe.pipeline import NO_STREAM
+from nimpipe.redaction import register_secret, scrub, scrub_fields
 from nimpipe.types import (
     Block,
     Deferred,
@@ -311,6 +316,7 @@ class GuardrailsSettings:
             raise ConfigError(
                 f"the environment variable {env_var} is not set", key=f"stages.{STAGE}.{key}"
             )
+        register_secret(value)
         return value
 
     @property
@@ -715,7 +721,7 @@ class GuardrailsStage:
             outcome = await self._judge(turn, "input", "", pipeline, _ready([verdict]))
             if outcome.block is not None:
                 return outcome.block
-            return Retry(reason=f"{_FAIL_OPEN_RETRY}: {error.message}", plugin=STAGE)
+            return Retry(reason=scrub(f"{_FAIL_OPEN_RETRY}: {error.message}"), plugin=STAGE)
         log = _generation_log(response)
         if log is None:
             if response.ttft is None:
@@ -845,14 +851,14 @@ class GuardrailsStage:
             rule=UNAVAILABLE_RULE,
             decision="unchecked" if self._settings.fail_open else "error",
             plugin=STAGE,
-            backend=backend,
+            backend=scrub(backend),
             latency=time.perf_counter() - started,
-            detail=reason,
+            detail=scrub(reason),
         )
 
     def _block(self, verdict: Verdict, reason: str) -> Block:
         return Block(
-            reason=reason,
+            reason=scrub(reason),
             plugin=STAGE,
             rule=verdict.rule,
             message=self._settings.message,
@@ -867,7 +873,7 @@ class GuardrailsStage:
         pending: Coroutine[Any, Any, list[Verdict]],
     ) -> _Outcome:
         """Await the verdicts, record them, and decide (nothing is decided in report mode)."""
-        verdicts = await pending
+        verdicts = [scrub_fields(verdict) for verdict in await pending]
         settings = self._settings
         report = settings.mode == "report"
         for verdict in verdicts:

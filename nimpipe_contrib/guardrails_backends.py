@@ -20,6 +20,12 @@ service is down, too slow, or answered something that is not a verdict.
 Backends are coroutines driven by one event loop, the stage's
 :class:`LoopThread`; none of them is imported, connected or loaded at import
 time.  ``nemoguardrails`` is imported only by :class:`InProcessBackend`.
+
+Every text that comes from a service (an error message, a rail name, a
+category, a rewrite, a reply quoted in :class:`BackendUnavailable`) is
+scrubbed of secrets (:func:`nimpipe.redaction.scrub`) before it reaches a
+verdict or a reason: a service may echo the key it was sent.  Backend keys are
+registered as secrets (:func:`nimpipe.redaction.register_secret`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 
+from nimpipe.redaction import register_secret, scrub, scrub_fields
 from nimpipe.types import ToolCall, Verdict
 
 __all__ = [
@@ -50,6 +57,7 @@ __all__ = [
     "LoopThread",
     "MicroserviceBackend",
     "TopicControlBackend",
+    "excerpt",
     "render_tool_call",
 ]
 
@@ -64,12 +72,31 @@ NEMO_REFUSAL = "I'm sorry, I can't respond to that."
 
 
 class BackendUnavailable(Exception):
-    """A backend could not give a verdict: down, too slow, or an answer that is no verdict."""
+    """A backend could not give a verdict: down, too slow, or an answer that is no verdict.
+
+    ``reason`` is scrubbed of secrets (it may quote what the service answered).
+    """
 
     def __init__(self, backend: str, reason: str) -> None:
         self.backend = backend
-        self.reason = reason
-        super().__init__(f"{backend}: {reason}")
+        self.reason = scrub(reason)
+        super().__init__(f"{backend}: {self.reason}")
+
+
+def excerpt(value: Any, limit: int = 200) -> str:
+    """At most ``limit`` characters of ``value`` (its ``repr`` unless a string), scrubbed.
+
+    Scrubbed before it is cut, so that a cut never leaves part of a key behind.
+    """
+    text = value if isinstance(value, str) else _safe_repr(value)
+    return scrub(text)[:limit]
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except RecursionError:
+        return f"<{type(value).__name__} nested too deep>"
 
 
 class Backend(Protocol):
@@ -189,8 +216,12 @@ class _Http:
 
     backend: str
     timeout: float
-    api_key: str | None = None
+    api_key: str | None = attrs.field(default=None, repr=False)
     _client: Any = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.api_key:
+            register_secret(self.api_key)
 
     def client(self) -> Any:
         if self._client is None:
@@ -228,10 +259,10 @@ def _error_text(data: Any) -> str:
     if isinstance(data, Mapping):
         error = data.get("error", data.get("detail"))
         if isinstance(error, Mapping):
-            return str(error.get("message", error))
+            return excerpt(str(error.get("message", error)), 500)
         if error is not None:
-            return str(error)
-    return repr(data)[:200]
+            return excerpt(str(error), 500)
+    return excerpt(data)
 
 
 def _chat_reply(backend: str, status: int, data: Any) -> str:
@@ -241,7 +272,7 @@ def _chat_reply(backend: str, status: int, data: Any) -> str:
     try:
         content = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        raise BackendUnavailable(backend, f"not a chat completion: {repr(data)[:200]}") from None
+        raise BackendUnavailable(backend, f"not a chat completion: {excerpt(data)}") from None
     if not isinstance(content, str):
         raise BackendUnavailable(backend, "the reply has no text")
     return content
@@ -274,9 +305,9 @@ def _rails_verdict(
     latency: float,
 ) -> Verdict:
     """A verdict from a NeMo ``/v1/checks`` (or ``check_async``) result."""
-    status = str(getattr(status, "value", status))
+    status = scrub(str(getattr(status, "value", status)))
     default_rule = INPUT_RAILS if kind == "input" else OUTPUT_RAILS
-    rule = str(rail) if rail else default_rule
+    rule = scrub(str(rail)) if rail else default_rule
     if status == "blocked":
         return Verdict(
             rule=rule, decision="block", backend=backend, latency=latency, detail=f"{kind} blocked"
@@ -286,7 +317,11 @@ def _rails_verdict(
     if status == "modified":
         if isinstance(content, str) and content != original:
             return Verdict(
-                rule=rule, decision="rewrite", backend=backend, latency=latency, detail=content
+                rule=rule,
+                decision="rewrite",
+                backend=backend,
+                latency=latency,
+                detail=scrub(content),
             )
         return Verdict(rule=rule, decision="pass", backend=backend, latency=latency)
     raise BackendUnavailable(backend, f"unknown rails status {status!r}")
@@ -396,7 +431,7 @@ class MicroserviceBackend:
         started = time.perf_counter()
         status, data = await self._http.post_json(f"{self.url}/v1/chat/completions", body)
         latency = _elapsed(started)
-        text = _chat_reply(self.name, status, data)
+        text = scrub(_chat_reply(self.name, status, data))
         guardrails = data.get("guardrails") if isinstance(data, Mapping) else None
         verdicts: list[Verdict] = []
         blocked = False
@@ -407,12 +442,14 @@ class MicroserviceBackend:
             stopped = bool(rail.get("stop"))
             blocked = blocked or stopped
             verdicts.append(
-                Verdict(
-                    rule=str(rail.get("name") or rail.get("type")),
-                    decision="block" if stopped else "pass",
-                    backend=f"{self.name}:guarded",
-                    latency=float(rail.get("duration") or 0.0),
-                    detail=f"{rail.get('type')} rail",
+                scrub_fields(
+                    Verdict(
+                        rule=str(rail.get("name") or rail.get("type")),
+                        decision="block" if stopped else "pass",
+                        backend=f"{self.name}:guarded",
+                        latency=float(rail.get("duration") or 0.0),
+                        detail=f"{rail.get('type')} rail",
+                    )
                 )
             )
         usage = data.get("usage") if isinstance(data, Mapping) else None
@@ -678,7 +715,7 @@ def _json_object(backend: str, text: str) -> Mapping[str, Any]:
             value = None
         if isinstance(value, Mapping):
             return value
-    raise BackendUnavailable(backend, f"the reply is not a JSON verdict: {text[:120]!r}")
+    raise BackendUnavailable(backend, f"the reply is not a JSON verdict: {excerpt(text, 120)!r}")
 
 
 @attrs.define(kw_only=True)
@@ -730,8 +767,8 @@ class ContentSafetyBackend(_ChatBackend):
         verdict = _json_object(self.name, reply)
         rating = verdict.get(key)
         if not isinstance(rating, str) or rating.strip().lower() not in ("safe", "unsafe"):
-            raise BackendUnavailable(self.name, f"no {key!r} rating in {reply[:120]!r}")
-        categories = str(verdict.get("Safety Categories") or "")
+            raise BackendUnavailable(self.name, f"no {key!r} rating in {excerpt(reply, 120)!r}")
+        categories = scrub(str(verdict.get("Safety Categories") or ""))
         if rating.strip().lower() == "unsafe":
             return Verdict(
                 rule=self.rule,
@@ -786,7 +823,9 @@ class TopicControlBackend(_ChatBackend):
             )
         if answer == "on-topic":
             return Verdict(rule=self.rule, decision="pass", backend=self.name, latency=latency)
-        raise BackendUnavailable(self.name, f"expected on-topic or off-topic, got {reply[:80]!r}")
+        raise BackendUnavailable(
+            self.name, f"expected on-topic or off-topic, got {excerpt(reply, 80)!r}"
+        )
 
     async def check_output(self, prompt: str, text: str, model: str) -> Verdict | None:
         """Topic control judges input only."""
@@ -835,7 +874,7 @@ class JailbreakBackend:
         flag = data.get("jailbreak")
         score = data.get("score")
         if not isinstance(flag, bool):
-            raise BackendUnavailable(self.name, f"no boolean 'jailbreak' in {repr(data)[:120]}")
+            raise BackendUnavailable(self.name, f"no boolean 'jailbreak' in {excerpt(data, 120)}")
         numeric = isinstance(score, (int, float)) and not isinstance(score, bool)
         value = float(score) if numeric else None  # type: ignore[arg-type]
         if self.threshold is not None and value is not None:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from nimpipe import hookspec
+from nimpipe.redaction import scrub, scrub_fields
 
 if TYPE_CHECKING:
     import pluggy
@@ -199,7 +200,9 @@ def publish_verdict(
     :class:`~nimpipe.types.CallRecord` (the ledger) and to
     :attr:`TurnResult.verdicts`.  Rewrite verdicts are recorded with their
     ``detail`` summarised by the caller (never the rewritten text itself).
+    The verdict's texts are scrubbed of secrets before they are recorded.
     """
+    verdict = scrub_fields(verdict)
     log.add(turn.id, verdict)
     if pipeline is not None:
         pipeline.add_verdict(verdict)
@@ -212,6 +215,7 @@ def publish_verdict(
         f"verdict {verdict.rule} {verdict.decision} for turn {turn.id} by {source} "
         f"in {verdict.latency * 1000:.1f} ms{detail}"
     )
+    message = scrub(message)
     verdict_log.info(message)
     if tracing:
         trace = logging.getLogger("nimpipe.trace")
