@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from nimpipe import Route, Turn
+from nimpipe import FinishReason, Route, Turn
 from nimpipe.jaato import _reports
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer, closed_port_url
@@ -151,15 +151,21 @@ def test_background_probes_never_cut_a_llama_stream_short(
         routes=[llama_route(llama_server)],
         stages={"nim_health": {**FAST, "interval": 0.05, "rare_every": 0}},
     )
+    # An interrupted stream ends with [DONE] and no finish reason (read as "stop"), so a
+    # stream that must run to max_tokens (end-of-turn tokens suppressed) shows any cut.
     health = health_of(pipeline)
     wait_for(lambda: health.registry.snapshot(llama_server.base_url).probes >= 2, "probes")
-    params = {"temperature": 0.0, "max_tokens": 24, "seed": 7}
+    params = {**PARAMS, "max_tokens": 24, "logit_bias": {"0": -100, "2": -100}}
     prompt = "Count from one to twenty in words."
-    whole = pipeline.run(Turn.create(prompt, params=params, timeout=120)).text
+    whole = pipeline.run(Turn.create(prompt, params=params, timeout=120))
+    assert whole.finish_reason is FinishReason.LENGTH
+    assert whole.response.usage.completion_tokens == params["max_tokens"]
     probes_before = health.registry.snapshot(llama_server.base_url).probes
-    streamed = "".join(pipeline.stream(Turn.create(prompt, params=params, timeout=120)))
+    stream = pipeline.stream(Turn.create(prompt, params=params, timeout=120))
+    streamed = "".join(stream)
     assert health.registry.snapshot(llama_server.base_url).probes > probes_before
-    assert streamed == whole and len(whole.split()) >= 5
+    assert stream.result is not None and stream.result.finish_reason is FinishReason.LENGTH
+    assert streamed == whole.text  # the same greedy request: the same tokens
 
 
 def _free_port() -> int:
