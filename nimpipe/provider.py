@@ -363,13 +363,11 @@ class StreamAssembler:
         if self.finish is None:
             if not self.received:
                 raise MalformedReplyError("stream ended without any choice", route=self.route)
-            if self.ended:
-                # [DONE] after content but no finish reason: servers that omit it.
-                self.finish = "stop"
-                return self.response()
+            # Without a finish reason the answer is not known to be whole, even
+            # after [DONE] (llama.cpp's server sends it when a stream is interrupted).
             raise UnavailableError(
-                f"stream cut after {len(self.text)} characters: it ended before "
-                "a finish reason or [DONE]",
+                f"stream cut after {len(self.text)} characters: it ended without "
+                "a finish reason",
                 route=self.route,
             )
         calls: list[ToolCall] = []

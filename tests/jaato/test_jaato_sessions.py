@@ -260,9 +260,10 @@ def test_plain_turn_on_the_real_local_model(
 
     answer = client.send_message("Say hello in one short sentence.", on_output=transcript)
 
-    assert answer.strip()
+    # The model's words differ by CPU: check the turn's shape, never its text.
     assert len(counter.inputs) == len(counter.outputs) == len(counter.records) == 1
     record = counter.records[0]
+    assert record.outcome == "ok"
     # llama.cpp sends no usage on a stream: nimpipe counts the tokens itself.
     assert record.prompt_tokens > 0 and record.completion_tokens > 0
     assert record.route == "nim" and record.model == llama_server.model
