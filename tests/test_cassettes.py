@@ -103,6 +103,62 @@ def test_recording_scrubs_the_key(nim_server: Any, tmp_path: Path, make_pipeline
     assert "code: 200" in written and "/v1/chat/completions" in written
 
 
+def test_recording_scrubs_keys_a_server_echoes_and_still_replays(
+    tmp_path: Path, make_pipeline: Any
+) -> None:
+    """Response bodies and headers that quote the key are masked; the cassette replays."""
+    import base64
+    import secrets
+    from urllib.parse import quote
+
+    import vcr
+    import yaml
+    from echo_servers import EchoServer
+
+    from nimpipe.errors import AuthenticationError
+    from nimpipe.testing.pytest_plugin import vcr_settings
+    from nimpipe.types import Secret
+
+    key = "echo-" + secrets.token_hex(16)  # not key-shaped: only the registry masks it
+    cassette = str(tmp_path / "echo.yaml")
+
+    def run(record_mode: str, base: str) -> tuple[str, str]:
+        settings = vcr_settings(tmp_path, record_mode)
+        settings.pop("cassette_library_dir")
+        routes = [
+            Route(
+                name=name,
+                base_url=f"{base}/{mode}/v1",
+                model="m",
+                api_key=Secret(key),
+                max_retries=0,
+            )
+            for name, mode in (("ok", "ok"), ("denied", "401"))
+        ]
+        pipeline = make_pipeline(routes=routes)
+        with vcr.VCR(**settings).use_cassette(cassette):
+            text = pipeline.run(Turn.create("hi", route="ok")).text
+            with pytest.raises(AuthenticationError) as denied:
+                pipeline.run(Turn.create("hi", route="denied"))
+        return text, str(denied.value)
+
+    with EchoServer() as echo:
+        recorded = run("all", echo.url)
+        base = echo.url
+    written = Path(cassette).read_text()
+    for needle in (key, quote(key, safe=""), base64.b64encode(key.encode()).decode()[:-4]):
+        assert needle not in written
+    interactions = yaml.safe_load(written)["interactions"]
+    assert len(interactions) == 2
+    headers = interactions[1]["response"]["headers"]
+    assert headers["x-request-id"] == ["***"] and headers["x-echo-authorization"] == ["Bearer ***"]
+    assert "Incorrect API key provided: ***" in interactions[1]["response"]["body"]["string"]
+    assert "authorization" not in {h.lower() for h in interactions[0]["request"]["headers"]}
+    # The server is gone: the scrubbed cassette answers alike, offline.
+    assert run("none", base) == recorded
+    assert "***" in recorded[1] and key not in recorded[1]
+
+
 def test_demo_replays_offline() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "nimpipe.cli", "demo", "--replay"],

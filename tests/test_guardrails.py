@@ -29,7 +29,7 @@ from guardrails_fixtures import (
     write_rails,
 )
 
-from nimpipe.errors import ConfigError, HookError
+from nimpipe.errors import ConfigError
 from nimpipe.testing import guardrails_server
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import Turn
@@ -377,10 +377,42 @@ def test_bad_settings_name_the_key(table: dict[str, Any], key: str) -> None:
 
 
 def test_bad_settings_fail_pipeline_creation(nim_server: NimServer) -> None:
-    with pytest.raises(HookError) as caught:
+    # A stage's config error reaches the caller as it is, naming the key (not wrapped).
+    with pytest.raises(ConfigError) as caught:
         make_pipeline(nim_server.base_url, {"guardrails": {"mode": "loud", "url": "http://x"}})
-    assert isinstance(caught.value.__cause__, ConfigError)
+    assert caught.value.key == "stages.guardrails.mode"
     assert "stages.guardrails.mode" in str(caught.value)
+
+
+def test_a_rails_server_that_echoes_its_key_never_shows_it(
+    agent: NimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rail names, rewrites and errors that quote the key reach rules and reasons masked."""
+    import secrets
+
+    from echo_servers import EchoServer
+
+    key = "rails-" + secrets.token_hex(16)  # not key-shaped: the stage registers it
+    monkeypatch.setenv("RAILS_TEST_KEY", key)
+    with EchoServer() as echo:
+        outcomes = {}
+        for mode in ("nemo-block", "nemo-500", "nemo-rewrite"):
+            settings = {
+                "url": f"{echo.url}/{mode}",
+                "api_key_env": "RAILS_TEST_KEY",
+                "input_mode": "sequential",
+            }
+            with make_pipeline(agent.base_url, {"guardrails": settings}) as pipeline:
+                result = pipeline.run(Turn.create("hello"))
+                outcomes[mode] = (result, stage_of(pipeline).verdicts(result.turn.id))
+    blocked, failed, rewritten = outcomes.values()
+    assert blocked[0].blocked is not None and blocked[0].blocked.rule == "self check ***"
+    assert failed[0].blocked is not None and failed[0].blocked.rule == UNAVAILABLE_RULE
+    assert rewritten[0].ok, "the rewritten input reached the model"
+    assert "Incorrect API key provided: ***" in agent.requests[-1].body["messages"][-1]["content"]
+    for result, verdicts in outcomes.values():
+        assert key not in repr(result) and key not in repr(verdicts)
+    assert key not in repr([r.body for r in agent.requests])
 
 
 def test_jaato_environment_variables_are_honoured() -> None:

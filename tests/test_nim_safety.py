@@ -199,3 +199,38 @@ def test_backends_combine_and_the_first_block_names_its_rail(
         ("jailbreak detection", "block"),
         ("content safety", "block"),
     ]
+
+
+def test_a_safety_service_that_echoes_its_key_never_shows_it(
+    agent: NimServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its verdict, the block's reason, the verdict log and the log lines show it masked."""
+    import logging
+    import secrets
+
+    from echo_servers import EchoServer
+
+    key = "guard-" + secrets.token_hex(16)  # not key-shaped: the stage registers it
+    monkeypatch.setenv("SAFETY_TEST_KEY", key)
+    caplog.set_level(logging.DEBUG)
+    with EchoServer() as echo:
+        results = []
+        for mode in ("cs-unsafe", "cs-401", "cs-prose"):
+            service = {
+                "base_url": echo.base_url(mode),
+                "model": "cs",
+                "api_key_env": "SAFETY_TEST_KEY",
+            }
+            settings = {"backends": ["content_safety"], "content_safety": service}
+            with make_pipeline(agent.base_url, {"guardrails": settings}) as pipeline:
+                result = pipeline.run(Turn.create("hello"))
+                results.append((result, stage_of(pipeline).verdicts(result.turn.id)))
+    unsafe, refused, prose = results
+    assert unsafe[0].blocked is not None and unsafe[0].blocked.rule == "content safety"
+    assert refused[0].blocked is not None and refused[0].blocked.rule == UNAVAILABLE_RULE
+    assert prose[0].blocked is not None and prose[0].blocked.rule == UNAVAILABLE_RULE
+    for result, verdicts in results:
+        for text in (result.blocked.reason, repr(verdicts), repr(result)):
+            assert key not in text and "***" in text
+    assert "HTTP 401: Incorrect API key provided: ***" in refused[0].blocked.reason
+    assert key not in caplog.text and "***" in caplog.text
