@@ -12,7 +12,8 @@ Two kinds of secret are masked:
 - every value held by a :class:`~nimpipe.types.Secret` (they register
   themselves here when created), in the forms a server may echo it in: as it
   is, URL-encoded, JSON-escaped and base64-encoded (also inside a longer
-  base64 text, such as a ``Basic`` credential);
+  base64 text, such as a ``Basic`` credential), and what is left of it where
+  a message was cut short (12 or more of its first or last characters);
 - anything credential-shaped (:data:`API_KEY`) and bearer or basic
   credentials, whoever they belong to.
 
@@ -74,6 +75,12 @@ MIN_SECRET_LENGTH = 8
 #: Below this length a secret's base64 forms are too short to mask without false hits.
 _MIN_BASE64_LENGTH = 12
 
+#: A registered secret's pieces this long, at its start or its end, are masked too (a
+#: message cut short, before or after scrubbing, can leave such a piece behind); only
+#: for secrets of at least :data:`_MIN_PIECES_LENGTH` characters.
+_MIN_PIECE = 12
+_MIN_PIECES_LENGTH = 16
+
 #: How deep :func:`scrub_data` follows nested containers; deeper parts are replaced.
 _MAX_DEPTH = 64
 _TOO_DEEP = "<nested too deep>"
@@ -82,6 +89,8 @@ T = TypeVar("T", bound="AttrsInstance")
 
 _lock = threading.Lock()
 _registered: set[str] = set()
+#: The registered secrets long enough for their pieces to be masked.
+_with_pieces: list[str] = []
 #: The registered secrets' forms as one alternation (``None``: nothing registered).
 _pattern: re.Pattern[str] | None = None
 _log_factory_installed = False
@@ -113,9 +122,35 @@ def secret_forms(secret: str) -> set[str]:
     return {form for form in forms if form}
 
 
+def _mask_pieces(text: str, secret: str) -> str:
+    """``text`` with every start or end of ``secret`` (12 characters or more) masked."""
+    head, tail = secret[:_MIN_PIECE], secret[-_MIN_PIECE:]
+    if head in text:
+        parts, at = [], 0
+        while (found := text.find(head, at)) >= 0:
+            end, matched = found + _MIN_PIECE, _MIN_PIECE
+            while end < len(text) and matched < len(secret) and text[end] == secret[matched]:
+                end, matched = end + 1, matched + 1
+            parts += [text[at:found], MASK]
+            at = end
+        text = "".join(parts) + text[at:]
+    if tail in text:
+        parts, at = [], 0
+        while (found := text.find(tail, at)) >= 0:
+            start, matched = found, _MIN_PIECE
+            while start > at and matched < len(secret) and text[start - 1] == secret[-matched - 1]:
+                start, matched = start - 1, matched + 1
+            parts += [text[at:start], MASK]
+            at = found + _MIN_PIECE
+        text = "".join(parts) + text[at:]
+    return text
+
+
 def register_secret(secret: str) -> None:
     """Mask ``secret`` (in all its :func:`secret_forms`) in everything :func:`scrub` sees.
 
+    A start or an end of it, 12 characters or more, is masked too (what a
+    message cut short through the secret leaves).
     :class:`~nimpipe.types.Secret` calls this for every value it holds;
     values shorter than :data:`MIN_SECRET_LENGTH` are ignored.
     """
@@ -129,6 +164,8 @@ def register_secret(secret: str) -> None:
         forms = {form for known in _registered for form in secret_forms(known)}
         ordered = sorted(forms, key=len, reverse=True)
         _pattern = re.compile("|".join(re.escape(form) for form in ordered))
+        if len(secret) >= _MIN_PIECES_LENGTH:
+            _with_pieces.append(secret)
         _install_log_scrubber()
 
 
@@ -137,6 +174,8 @@ def scrub(text: str, known: Iterable[str] = ()) -> str:
     pattern = _pattern
     if pattern is not None:
         text = pattern.sub(MASK, text)
+        for secret in tuple(_with_pieces):
+            text = _mask_pieces(text, secret)
     for secret in known:
         if secret and len(secret) >= 4:
             for form in secret_forms(secret) if len(secret) >= MIN_SECRET_LENGTH else (secret,):

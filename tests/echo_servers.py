@@ -30,6 +30,8 @@ ROUTE_MODES = (
     "429",
     "500",
     "500-text",  # a plain-text 500 quoting the request's Authorization header
+    "401-cut",  # the key where a message is cut short (1,000 characters)
+    "500-cut",  # the key where a plain-text body is cut short (300 bytes)
     "json-error",  # HTTP 200 whose body is an error object, no choices
     "sse-error",  # streamed: one token, then an error event quoting the key
     "sse-error-first",  # streamed: an error event before any token
@@ -264,6 +266,12 @@ class EchoServer:
             if status == 429:
                 headers = {**headers, "retry-after": "0"}
             return web.json_response(_error(message), status=status, headers=headers)
+        # The cut falls 25 characters into the key ("Incorrect API key provided: " is 28).
+        if mode == "401-cut":
+            padded = "x" * 946 + " " + message
+            return web.json_response(_error(padded), status=401, headers=headers)
+        if mode == "500-cut":
+            return web.Response(text="x" * 246 + " " + message, status=500, headers=headers)
         if mode == "500-text":
             text = f"upstream failed for {request.headers.get('Authorization', '')}: {message}"
             return web.Response(text=text, status=500, headers=headers)

@@ -670,6 +670,8 @@ def test_scrub_masks_every_form_of_a_registered_secret_and_nothing_else() -> Non
         base64.b64encode(b"user:" + encoded).decode(),
         base64.urlsafe_b64encode(b"ab" + encoded + b"cd").decode(),
         f"Authorization: Bearer {GUARD_KEY}",
+        f"HTTP 401: bad key {ROUTE_KEY[:20]}; set $KEY",  # cut short after 20 characters
+        f"...{ROUTE_KEY[-14:]} was refused",  # cut short before the last 14
         f"Basic {base64.b64encode(b'u:p4ss-w0rd').decode()}",
     ]
     for text in forms:
