@@ -433,9 +433,11 @@ def _config(echo: EchoServer, tmp: Path, route_mode: str, guard: tuple[str, str]
 
 
 def _cli(tmp: Path, *args: str, debug: bool = False) -> subprocess.CompletedProcess[str]:
+    """``nimpipe ARGS`` in ``tmp``; ``debug``: with tracebacks, hook traces and DEBUG logging."""
     env = {**os.environ, ROUTE_ENV: ROUTE_KEY, GUARD_ENV: GUARD_KEY, "NIMPIPE_LOAD_PLUGINS": ""}
     env["NIMPIPE_HOME"] = str(tmp / "home")
     if debug:
+        env.update(NIMPIPE_DEBUG="1", NIMPIPE_TRACE="1")
         code = (
             "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stderr); "
             "from nimpipe.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -469,6 +471,7 @@ def test_nimpipe_chat_leaks_nothing(
         "chat --json": _cli(tmp_path, "chat", "--json", "Say hello."),
         "chat --stream": _cli(tmp_path, "chat", "--stream", "Say hello."),
         "chat --json at DEBUG": _cli(tmp_path, "chat", "--json", "Say hello.", debug=True),
+        "chat --stream at DEBUG": _cli(tmp_path, "chat", "--stream", "Say hello.", debug=True),
     }
     for name, done in runs.items():
         scan.add(f"nimpipe {name}: stdout", done.stdout)
