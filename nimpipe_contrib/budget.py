@@ -9,9 +9,17 @@ made, failed and cancelled ones too) replaces the reservation with the real
 cost.  Spend therefore stays within each limit as long as a call never costs
 more than its reservation, which the stage makes true by construction:
 
-- the completion is bounded: when a request carries no ``max_tokens``, the
-  stage sets the route's ``max_output_tokens`` to ``default_completion_tokens``
-  (setting ``cap_completion``, on by default) and reserves that many;
+- the completion is bounded: the reservation counts the request's cap (the
+  larger of ``max_tokens`` and ``max_completion_tokens`` wherever the request
+  gets them: the turn's params, the route's ``max_output_tokens`` or its
+  ``extra_body``); when a request carries none, the stage sets the route's
+  ``max_output_tokens`` to ``default_completion_tokens`` (setting
+  ``cap_completion``, on by default) and reserves that many.  With
+  ``cap_completion = false``, or a cap field that is not a whole number > 0
+  (what the server makes of ``max_tokens = "lots"`` is unknown), the call is
+  uncapped and the stage reserves the whole context: the route's
+  ``context_length``, or :data:`UNCAPPED_COMPLETION_TOKENS` when that is
+  unknown;
 - the prompt is bounded too: by default (``prompt_estimate = "bound"``) the
   reservation counts one token per byte of the messages and tool schemas
   plus a few template tokens per message, a bound no byte-level tokenizer
@@ -20,11 +28,31 @@ more than its reservation, which the stage makes true by construction:
   ``prompt_margin`` (1.1) instead: tighter (about a quarter of the bound for
   English text), so fewer calls are refused near a limit, but an estimate.
 
+The provider charges at most the cap for a reply that reports more
+completion tokens than the request allowed (a server ignoring ``max_tokens``),
+so a reply through nimpipe's provider never costs more than its
+reservation.  The stage does not trust a record's figures either (records
+also come from jaato, other providers and replayed traces):
+
+- a record whose cost is negative, ``nan``, infinite or above $1,000,000, or whose token counts
+  are negative, not whole or above 10**9, is charged its reservation (or, with
+  none, the most its route could cost for the tokens it names, each at most
+  the context length), never less, and counted in ``invalid_records`` with
+  a warning: impossible usage cannot create headroom;
+- a record that costs more than its reservation is charged in full (the spend
+  is real), counted in ``overruns`` with a warning, and when it pushes spend
+  past a limit the overshoot is logged as an error and shown as
+  :attr:`BudgetStatus.overshoot_usd`; every further call under that limit is
+  refused at once, as no headroom is left;
+- a route price that is ``nan``, infinite or negative refuses the call
+  (``Block(rule="budget:invalid-price")``), even with ``unpriced = "allow"``.
+
 At a limit, ``on_limit = "downgrade"`` (default) sends the call to the
 cheapest route whose estimate still fits (a free self-hosted route always
 fits), and ``"refuse"`` ends the turn with ``Block(rule="budget:daily")``
 (``budget:monthly``, ``budget:agent-daily``, ``budget:agent-monthly``,
-``budget:unpriced``) whose message tells the user which budget is used up.
+``budget:unpriced``, ``budget:invalid-price``) whose message tells the user
+which budget is used up.
 An escalation that the budget cannot afford is skipped (``filter_routes``)
 and the answer already in hand is kept.
 
@@ -42,6 +70,10 @@ Settings (``[stages.budget]``)::
     prompt_margin = 1.1          # with "tokenizer"
     unpriced = "refuse"          # or "allow": calls on a route with no known price
     seed_from_ledger = true      # start from today's/this month's spend in the ledger
+    reservation_ttl = 900        # seconds before a reservation with no record is dropped
+
+Limits are finite amounts >= 0: ``nan``, ``inf`` or a negative limit is a
+``ConfigError`` naming the key.
 
     [stages.budget.agents.orchestrator]   # an agent id (else an agent type)
     daily_usd = 10.0
@@ -57,6 +89,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -76,7 +109,7 @@ if TYPE_CHECKING:
     from nimpipe.pipeline import Pipeline
     from nimpipe_contrib.route_reasons import RouteReasons
 
-__all__ = ["BudgetStage", "BudgetStatus", "Limit", "create_plugin"]
+__all__ = ["UNCAPPED_COMPLETION_TOKENS", "BudgetStage", "BudgetStatus", "Limit", "create_plugin"]
 
 logger = logging.getLogger("nimpipe.budget")
 
@@ -102,6 +135,12 @@ _KNOWN = (
 _EPSILON = 1e-9
 #: Turns remembered to tell a first call from an escalation (``filter_routes``).
 _TURN_MEMORY = 8192
+#: Completion tokens reserved for an uncapped call on a route of unknown context length.
+UNCAPPED_COMPLETION_TOKENS = 131_072
+#: A token count above this in a record is impossible (no model has such a context).
+_MAX_TOKENS = 10**9
+#: A cost above this for one call is impossible (10**9 tokens at the dearest list prices).
+_MAX_CALL_USD = 1e6
 
 #: A spend bucket: (period kind, period key, scope); scope ``*`` is every agent.
 Bucket = tuple[str, str, str]
@@ -133,12 +172,30 @@ class BudgetStatus:
         """What is left to reserve."""
         return max(0.0, self.limit_usd - self.spent_usd - self.reserved_usd)
 
+    @property
+    def overshoot_usd(self) -> float:
+        """Spend beyond the limit (0 unless a call cost more than its reservation)."""
+        return max(0.0, self.spent_usd - self.limit_usd)
+
 
 @attrs.define
 class _Reservation:
     usd: float
-    buckets: tuple[Bucket, ...]
+    buckets: tuple[tuple[Limit, Bucket], ...]
     created: float
+
+
+@attrs.frozen
+class _Cost:
+    """What a call may cost at most, and the route to send it on."""
+
+    #: USD to reserve; ``None`` when the call cannot be priced and is refused.
+    usd: float | None
+    #: The route with the completion cap the reservation assumed, when the stage sets it.
+    capped_route: Route | None = None
+    #: With ``usd`` None: the rule refusing the call, and why.
+    rule: str = "budget:unpriced"
+    problem: str = ""
 
 
 @attrs.define
@@ -158,6 +215,8 @@ class BudgetStage:
     timezone: _dt.tzinfo = _dt.timezone.utc
     #: Calls whose real cost exceeded their reservation (should stay 0).
     overruns: int = 0
+    #: Records with an impossible cost or token count (charged at least their reservation).
+    invalid_records: int = 0
     _spent: dict[Bucket, float] = attrs.field(factory=dict, init=False)
     _reserved: dict[Bucket, float] = attrs.field(factory=dict, init=False)
     _reservations: dict[tuple[str, int], _Reservation] = attrs.field(factory=dict, init=False)
@@ -200,7 +259,7 @@ class BudgetStage:
             ("daily_usd", "budget:daily", "day"),
             ("monthly_usd", "budget:monthly", "month"),
         ):
-            usd = settings.number(key, None)
+            usd = _finite(settings, key, None)
             if usd is not None:
                 limits.append(Limit(rule, period, usd))
         defaults = []
@@ -208,7 +267,7 @@ class BudgetStage:
             ("agent_daily_usd", "budget:agent-daily", "day"),
             ("agent_monthly_usd", "budget:agent-monthly", "month"),
         ):
-            usd = settings.number(key, None)
+            usd = _finite(settings, key, None)
             if usd is not None:
                 defaults.append(Limit(rule, period, usd, agent="each"))
         agents = settings.sub("agents")
@@ -221,19 +280,21 @@ class BudgetStage:
                 ("daily_usd", "budget:agent-daily", "day"),
                 ("monthly_usd", "budget:agent-monthly", "month"),
             ):
-                usd = table.number(key, None)
+                usd = _finite(table, key, None)
                 if usd is not None:
                     own.append(Limit(rule, period, usd, agent=name))
             self.agent_limits[name] = tuple(own)
         self.limits = tuple(limits)
         self.on_limit = settings.choice("on_limit", ("downgrade", "refuse"), "downgrade")
         self.default_completion = settings.integer("default_completion_tokens", 512, minimum=1)
+        if self.default_completion > _MAX_TOKENS:
+            raise settings.fail("default_completion_tokens", f"must be at most {_MAX_TOKENS}")
         self.cap_completion = settings.boolean("cap_completion", True)
-        self.prompt_margin = settings.number("prompt_margin", 1.1, minimum=1.0)
+        self.prompt_margin = _finite(settings, "prompt_margin", 1.1, minimum=1.0)
         estimate = settings.choice("prompt_estimate", ("bound", "tokenizer"), "bound")
         self.bound_prompt = estimate == "bound"
         self.allow_unpriced = settings.choice("unpriced", ("refuse", "allow"), "refuse") == "allow"
-        self.reservation_ttl = settings.number("reservation_ttl", 900.0, minimum=1.0)
+        self.reservation_ttl = _finite(settings, "reservation_ttl", 900.0, minimum=1.0)
         self.timezone = _zone(settings)
 
     def _seed(self, ledger_settings: StageSettings) -> None:
@@ -251,12 +312,13 @@ class BudgetStage:
             self._seeded.set()
             return
         with self._lock:
-            self._add(("day", day, "*"), day_total)
-            self._add(("month", month, "*"), month_total)
+            # A ledger written before its figures were checked may hold negative sums.
+            self._add(("day", day, "*"), max(0.0, day_total))
+            self._add(("month", month, "*"), max(0.0, month_total))
             for agent, usd in day_agents.items():
-                self._add(("day", day, agent), usd)
+                self._add(("day", day, agent), max(0.0, usd))
             for agent, usd in month_agents.items():
-                self._add(("month", month, agent), usd)
+                self._add(("month", month, agent), max(0.0, usd))
         self._seeded.set()
 
     # ------------------------------------------------------------------
@@ -302,6 +364,7 @@ class BudgetStage:
         return out
 
     def _add(self, bucket: Bucket, usd: float) -> None:
+        # Only checked, finite amounts >= 0 arrive here (see _charge).
         self._spent[bucket] = self._spent.get(bucket, 0.0) + usd
 
     def _exceeded(self, buckets: list[tuple[Limit, Bucket]], usd: float) -> Limit | None:
@@ -314,16 +377,16 @@ class BudgetStage:
     def _reserve(
         self, key: tuple[str, int], usd: float, buckets: list[tuple[Limit, Bucket]]
     ) -> None:
-        only = tuple(b for _, b in buckets)
+        pairs = tuple(buckets)
         previous = self._reservations.pop(key, None)
         if previous is not None:
             self._release(previous)
-        for bucket in only:
+        for _, bucket in pairs:
             self._reserved[bucket] = self._reserved.get(bucket, 0.0) + usd
-        self._reservations[key] = _Reservation(usd, only, time.monotonic())
+        self._reservations[key] = _Reservation(usd, pairs, time.monotonic())
 
     def _release(self, reservation: _Reservation) -> None:
-        for bucket in reservation.buckets:
+        for _, bucket in reservation.buckets:
             left = self._reserved.get(bucket, 0.0) - reservation.usd
             if left <= _EPSILON:
                 self._reserved.pop(bucket, None)
@@ -360,25 +423,42 @@ class BudgetStage:
             return route.price
         return self._book.price_for(route)
 
-    def _estimate(self, turn: Turn, route: Route) -> tuple[float | None, bool]:
-        """USD to reserve (``None``: unpriced and refused) and whether the request is capped."""
+    def _estimate(self, turn: Turn, route: Route) -> _Cost:
+        """The most ``turn`` can cost on ``route``: the prompt bound plus the worst completion."""
         price = self._price(route)
         if price is None:
-            return (0.0 if self.allow_unpriced else None), True
+            return _Cost(0.0) if self.allow_unpriced else _Cost(None)
+        problem = pricing.price_problem(price)
+        if problem is not None:
+            return _Cost(None, rule="budget:invalid-price", problem=problem)
         if price.input_per_1k == 0 and price.output_per_1k == 0:
-            return 0.0, True
-        estimate = pricing.estimate_call(
-            turn,
-            route,
-            price=price,
-            default_completion=self.default_completion,
-            prompt_margin=self.prompt_margin,
-            bound=self.bound_prompt,
-        )
-        return estimate.usd, estimate.capped
+            return _Cost(0.0)
+        completion, capped_route = self._worst_completion(turn, route)
+        if self.bound_prompt:
+            prompt = pricing.prompt_token_bound(turn)
+        else:
+            model = turn.model or route.model
+            prompt = math.ceil(pricing.estimate_prompt_tokens(turn, model) * self.prompt_margin)
+        return _Cost(price.cost(prompt, completion), capped_route)
+
+    def _worst_completion(self, turn: Turn, route: Route) -> tuple[int, Route | None]:
+        """Completion tokens the call can produce at most, and the capped route if one is needed."""
+        limit = pricing.completion_limit(turn, route)
+        if limit is not None and not pricing.unreadable_cap(turn, route):
+            return limit, None
+        if self.cap_completion:
+            capped = self._capped_routes.get(route)
+            if capped is None:
+                capped = attrs.evolve(route, max_output_tokens=self.default_completion)
+                self._capped_routes[route] = capped
+            limit = pricing.completion_limit(turn, capped)
+            if limit is not None and not pricing.unreadable_cap(turn, capped):
+                return limit, capped
+        # No cap the server is sure to honour: the whole context is the worst case.
+        return route.context_length or UNCAPPED_COMPLETION_TOKENS, None
 
     def _fits(self, turn: Turn, route: Route, now: float) -> bool:
-        usd, _ = self._estimate(turn, route)
+        usd = self._estimate(turn, route).usd
         if usd is None:
             return False
         if usd == 0:
@@ -416,7 +496,8 @@ class BudgetStage:
         now = time.time()
         key = (turn.id, attempt.number)
         buckets = self._buckets(turn.agent_id, turn.agent_type, now)
-        usd, capped = self._estimate(turn, route)
+        cost = self._estimate(turn, route)
+        usd = cost.usd
         with self._lock:
             self._remember(turn.id, attempt.number)
             self._sweep(time.monotonic())
@@ -425,23 +506,14 @@ class BudgetStage:
                 if failing is None:
                     if usd > 0:
                         self._reserve(key, usd, buckets)
-                    return self._capped(route, capped, usd)
+                    return cost.capped_route
             else:
-                failing = Limit("budget:unpriced", "call", 0.0)
+                failing = Limit(cost.rule, "call", 0.0)
         if self.on_limit == "downgrade":
             target = self._downgrade(turn, route, attempt, pipeline, key, buckets)
             if target is not None:
                 return target
-        return self._refusal(failing, route, usd, buckets)
-
-    def _capped(self, route: Route, capped: bool, usd: float) -> Route | None:
-        if capped or usd == 0 or not self.cap_completion:
-            return None
-        found = self._capped_routes.get(route)
-        if found is None:
-            found = attrs.evolve(route, max_output_tokens=self.default_completion)
-            self._capped_routes[route] = found
-        return found
+        return self._refusal(failing, route, usd, buckets, cost.problem)
 
     def _downgrade(
         self,
@@ -456,9 +528,9 @@ class BudgetStage:
         for other in pipeline.routes:
             if other.name == route.name or other.name in attempt.tried:
                 continue
-            usd, capped = self._estimate(turn, other)
-            if usd is not None:
-                candidates.append((usd, other.tier, other.name, other, capped))
+            cost = self._estimate(turn, other)
+            if cost.usd is not None:
+                candidates.append((cost.usd, other.tier, other.name, other, cost.capped_route))
         for usd, _, _, other, capped in sorted(candidates, key=lambda c: c[:3]):
             with self._lock:
                 if usd > 0 and self._exceeded(buckets, usd) is not None:
@@ -472,11 +544,16 @@ class BudgetStage:
                     STAGE,
                     f"downgraded from {route.name} to {other.name} (~${usd:.6f}): limit reached",
                 )
-            return self._capped(other, capped, usd) or other
+            return capped or other
         return None
 
     def _refusal(
-        self, limit: Limit, route: Route, usd: float | None, buckets: list[tuple[Limit, Bucket]]
+        self,
+        limit: Limit,
+        route: Route,
+        usd: float | None,
+        buckets: list[tuple[Limit, Bucket]],
+        problem: str = "",
     ) -> Block:
         if limit.rule == "budget:unpriced":
             return Block(
@@ -485,6 +562,16 @@ class BudgetStage:
                 message=(
                     f"The model budget cannot price route {route.name!r}; add its price to the "
                     "price file or set unpriced = 'allow'."
+                ),
+            )
+        if limit.rule == "budget:invalid-price":
+            return Block(
+                reason=f"route {route.name!r} (model {route.model!r}) has an invalid price: "
+                f"{problem}",
+                rule=limit.rule,
+                message=(
+                    f"The model budget cannot price route {route.name!r}: its price is not a "
+                    "finite number >= 0; fix it in nimpipe.toml or the price file."
                 ),
             )
         bucket = next(b for lim, b in buckets if lim is limit)
@@ -506,34 +593,89 @@ class BudgetStage:
         )
 
     @hookimpl
-    def record_cost(self, record: CallRecord) -> None:
+    def record_cost(self, record: CallRecord, pipeline: Pipeline) -> None:
         key = (record.turn_id, record.attempt)
         # A transport retry (outcome "retried" with an error) is followed by
         # another try of the same call: its reservation stays until then.
         settles = not (record.outcome == "retried" and record.error is not None)
+        problem = _record_problem(record)
         with self._lock:
             reservation = self._reservations.get(key)
             if reservation is not None:
-                buckets: tuple[Bucket, ...] = reservation.buckets
+                buckets = reservation.buckets
                 if settles:
                     del self._reservations[key]
                     self._release(reservation)
-                    if record.cost_usd > reservation.usd + _EPSILON:
-                        self.overruns += 1
-                        logger.warning(
-                            "budget: call %s/%d cost $%.6f, more than the $%.6f reserved",
-                            record.turn_id,
-                            record.attempt,
-                            record.cost_usd,
-                            reservation.usd,
-                        )
             else:
-                buckets = tuple(
-                    b for _, b in self._buckets(record.agent_id, record.agent_type, record.time)
-                )
-            if record.cost_usd:
-                for bucket in buckets:
-                    self._add(bucket, record.cost_usd)
+                when = record.time if _is_time(record.time) else time.time()
+                buckets = tuple(self._buckets(str(record.agent_id), str(record.agent_type), when))
+        if problem is None:
+            charge = float(record.cost_usd)
+        else:
+            charge = self._charge_invalid(record, reservation, pipeline, problem)
+        with self._lock:
+            if charge > 0:
+                for _, bucket in buckets:
+                    self._add(bucket, charge)
+            if reservation is None or not settles or charge <= reservation.usd + _EPSILON:
+                return
+            self.overruns += 1
+            over = [
+                (limit, self._spent.get(bucket, 0.0))
+                for limit, bucket in buckets
+                if self._spent.get(bucket, 0.0) > limit.usd + _EPSILON
+            ]
+        logger.warning(
+            "budget: call %s/%d cost $%.6f, more than the $%.6f reserved",
+            record.turn_id,
+            record.attempt,
+            charge,
+            reservation.usd,
+        )
+        for limit, spent in over:
+            logger.error(
+                "budget: %s limit of $%.6f overshot by $%.6f (a call cost more than its "
+                "worst case); further calls under it are refused",
+                limit.rule,
+                limit.usd,
+                spent - limit.usd,
+            )
+
+    def _charge_invalid(
+        self,
+        record: CallRecord,
+        reservation: _Reservation | None,
+        pipeline: Pipeline,
+        problem: str,
+    ) -> float:
+        """The charge for a record with impossible figures: never below its worst case."""
+        floor = reservation.usd if reservation is not None else self._worst_of(record, pipeline)
+        cost = record.cost_usd
+        charge = max(floor, float(cost)) if _is_amount(cost) else floor
+        with self._lock:
+            self.invalid_records += 1
+        logger.warning(
+            "budget: call %s/%s on route %r reported %s; charged $%.6f (%s)",
+            record.turn_id,
+            record.attempt,
+            record.route,
+            problem,
+            charge,
+            "its reservation" if reservation is not None else "the most it could cost",
+        )
+        return charge
+
+    def _worst_of(self, record: CallRecord, pipeline: Pipeline) -> float:
+        # A record with no reservation (made outside this pipeline's before_call).
+        route = pipeline.config.routes.get(record.route) if isinstance(record.route, str) else None
+        price = self._price(route) if route is not None else None
+        if price is None or pricing.price_problem(price) is not None:
+            return 0.0
+        context = route.context_length if route is not None and route.context_length else None
+        most = context or UNCAPPED_COMPLETION_TOKENS
+        prompt = record.prompt_tokens if _is_count(record.prompt_tokens) else most
+        completion = record.completion_tokens if _is_count(record.completion_tokens) else most
+        return float(price.cost(min(prompt, most), min(completion, most)))
 
     # ------------------------------------------------------------------
     # reporting
@@ -566,6 +708,51 @@ class BudgetStage:
     def reservations(self) -> int:
         """Calls holding a reservation right now."""
         return len(self._reservations)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TOKENS
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _is_amount(value: Any) -> bool:
+    number = _number(value)
+    return number is not None and 0 <= number <= _MAX_CALL_USD
+
+
+def _is_time(value: Any) -> bool:
+    # A Unix time between 1970 and the year 5138.
+    number = _number(value)
+    return number is not None and 0 <= number < 1e11
+
+
+def _record_problem(record: CallRecord) -> str | None:
+    """Why ``record``'s figures cannot be charged as they stand, or ``None``."""
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = getattr(record, name, None)
+        if not _is_count(value):
+            return f"{name} = {value!r:.40} (a whole number 0..{_MAX_TOKENS} is possible)"
+    cost = getattr(record, "cost_usd", None)
+    if not _is_amount(cost):
+        return f"cost_usd = {cost!r:.40} (an amount from 0 to ${_MAX_CALL_USD:g} is possible)"
+    return None
+
+
+def _finite(settings: StageSettings, key: str, default: Any, *, minimum: float = 0.0) -> Any:
+    """A finite number >= ``minimum`` (``nan`` and negatives are refused by the reader)."""
+    value = settings.number(key, default, minimum=minimum)
+    if value is not None and not math.isfinite(value):
+        raise settings.fail(key, f"must be a finite number, got {value!r}")
+    return value
 
 
 def _zone(settings: StageSettings) -> _dt.tzinfo:

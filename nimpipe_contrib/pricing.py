@@ -36,6 +36,12 @@ in that hour (``tokens_per_second * 3600 * utilization``, or
 ``requests_per_hour * tokens_per_request * utilization``), per 1,000 tokens;
 prompt and completion tokens are priced alike.
 
+Every figure must be a finite number >= 0: a price of ``nan``, ``inf`` or
+below zero is refused where it is loaded (the snapshot, the price file, a
+route's own price when a cost stage configures) with a
+:class:`~nimpipe.errors.ConfigError` naming it, since a ``nan`` price makes
+every comparison false and so would switch a budget off.
+
 Nothing here touches the network; the snapshot and the price file are read
 the first time a pipeline needs them.
 """
@@ -68,14 +74,17 @@ __all__ = [
     "PriceOverrides",
     "Snapshot",
     "amortised_price",
+    "check_price",
     "completion_limit",
     "estimate_call",
     "estimate_prompt_tokens",
     "load_overrides",
     "load_snapshot",
     "price_book_for",
+    "price_problem",
     "price_routes",
     "prompt_token_bound",
+    "unreadable_cap",
 ]
 
 logger = logging.getLogger("nimpipe.pricing")
@@ -104,6 +113,50 @@ def _model_key(model: str) -> str:
     return model.strip().lower()
 
 
+def _finite_number(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _amount(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number >= 0, else ``None``."""
+    number = _finite_number(value)
+    return number if number is not None and number >= 0 else None
+
+
+def _bad_figure(price: Any) -> tuple[str, Any] | None:
+    for name in ("input_per_1k", "output_per_1k"):
+        value = getattr(price, name, None)
+        if _amount(value) is None:
+            return name, value
+    return None
+
+
+def price_problem(price: Any) -> str | None:
+    """What is wrong with ``price`` (``"input_per_1k is nan"``), or ``None`` when it is usable.
+
+    A usable price has finite ``input_per_1k`` and ``output_per_1k``, both >= 0.
+    """
+    bad = _bad_figure(price)
+    return None if bad is None else f"{bad[0]} is {bad[1]!r}"
+
+
+def check_price(price: Price, key: str, path: str | None = None) -> Price:
+    """``price`` itself, or a :class:`ConfigError` naming ``key.input_per_1k`` (or output)."""
+    bad = _bad_figure(price)
+    if bad is not None:
+        raise ConfigError(
+            f"must be a finite number >= 0, got {bad[1]!r}", path=path, key=f"{key}.{bad[0]}"
+        )
+    return price
+
+
 # --------------------------------------------------------------------------
 # Amortised self-hosted cost
 # --------------------------------------------------------------------------
@@ -129,6 +182,17 @@ def amortised_price(
 
     Raises :class:`ValueError` when the figures cannot make a price.
     """
+    figures = {
+        "gpu_hour_usd": gpu_hour_usd,
+        "gpus": gpus,
+        "tokens_per_second": tokens_per_second,
+        "requests_per_hour": requests_per_hour,
+        "tokens_per_request": tokens_per_request,
+        "utilization": utilization,
+    }
+    for name, value in figures.items():
+        if value is not None and _finite_number(value) is None:
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if gpu_hour_usd < 0 or gpus <= 0:
         raise ValueError("gpu_hour_usd must be >= 0 and gpus > 0")
     if not 0 < utilization <= 1:
@@ -150,6 +214,8 @@ def amortised_price(
     if served <= 0:
         raise ValueError("the throughput must be positive")
     per_1k = gpu_hour_usd * gpus / served * 1000
+    if not math.isfinite(per_1k):
+        raise ValueError("the figures give no finite price")
     how = (
         f"amortised: ${gpu_hour_usd:g}/GPU-h x {gpus:g} GPU / ({rate} x "
         f"{utilization:.0%} busy) = ${per_1k:.6g}/1k tokens"
@@ -223,12 +289,14 @@ def load_snapshot(path: str | os.PathLike[str] | None = None) -> Snapshot:
             raise ConfigError("every price needs a 'source'", path=str(file), key=f"{key}.source")
         figures = {}
         for name in ("input_per_1k", "output_per_1k"):
-            value = entry.get(name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            value = _amount(entry.get(name))
+            if value is None:
                 raise ConfigError(
-                    "must be a non-negative number", path=str(file), key=f"{key}.{name}"
+                    f"must be a finite number >= 0, got {entry.get(name)!r}",
+                    path=str(file),
+                    key=f"{key}.{name}",
                 )
-            figures[name] = float(value)
+            figures[name] = value
         prices[_model_key(model)] = Price(**figures, source=f"bundled snapshot {version}: {source}")
     snapshot = Snapshot(version, prices)
     with _snapshot_lock:
@@ -268,9 +336,12 @@ def _entry_price(entry: Any, key: str, path: str, label: str) -> Price:
             if not isinstance(value, str) or not value:
                 raise ConfigError("must be a non-empty string", path=path, key=f"{key}.{name}")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError("must be a non-negative number", path=path, key=f"{key}.{name}")
-        numbers[name] = float(value)
+        number = _amount(value)
+        if number is None:
+            raise ConfigError(
+                f"must be a finite number >= 0, got {value!r}", path=path, key=f"{key}.{name}"
+            )
+        numbers[name] = number
     origin = f"{label}: {entry['source']}" if "source" in entry else label
     per_token = _PER_TOKEN_KEYS & set(numbers)
     amortised = _AMORTISED_KEYS & set(numbers)
@@ -443,8 +514,13 @@ def price_routes(pipeline: Pipeline) -> list[Route]:
 
     Called by each cost stage's ``configure``; idempotent.  Returns the routes
     left unpriced (each is named once in a warning on the
-    ``nimpipe.pricing`` logger).
+    ``nimpipe.pricing`` logger).  Raises :class:`ConfigError` naming
+    ``routes.NAME.price.input_per_1k`` (or output) when a route's own price is
+    not a finite number >= 0.
     """
+    for route in pipeline.routes:
+        if route.price is not None:
+            check_price(route.price, f"routes.{route.name}.price", pipeline.config.source)
     book = price_book_for(pipeline)
     routes, unpriced = book.priced(pipeline.routes)
     changed = [new for new, old in zip(routes, pipeline.routes, strict=True) if new is not old]
@@ -504,6 +580,11 @@ _BOUND_PER_MESSAGE = 8
 _BOUND_TOOL_PROMPT = 128
 
 
+def _utf8_size(text: str) -> int:
+    # Lone surrogates are bad input the provider refuses; they must not break the count.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def prompt_token_bound(turn: Turn) -> int:
     """An upper bound on the prompt tokens of ``turn`` for any byte-level tokenizer.
 
@@ -521,23 +602,54 @@ def prompt_token_bound(turn: Turn) -> int:
     total = _BOUND_PER_MESSAGE * (len(turn.messages) + 1)
     for message in turn.messages:
         if message.content:
-            total += len(message.content.encode("utf-8"))
+            total += _utf8_size(message.content)
         for call in message.tool_calls:
-            total += len(call.name.encode("utf-8")) + len(call.arguments.encode("utf-8"))
+            total += _utf8_size(call.name) + _utf8_size(call.arguments)
     if turn.tools:
         total += _BOUND_TOOL_PROMPT
-        total += len(json.dumps([t.to_openai() for t in turn.tools]).encode("utf-8"))
+        total += _utf8_size(json.dumps([t.to_openai() for t in turn.tools]))
     _remember(key, total)
     return total
 
 
+#: Request fields that cap the completion (servers honour the first they know).
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def _cap_fields(turn: Turn, route: Route) -> dict[str, Any]:
+    # The same precedence as the request body: extra_body, the route's cap, the turn's params.
+    fields = {k: v for k, v in route.extra_body.items() if k in _CAP_FIELDS}
+    if route.max_output_tokens is not None:
+        fields["max_tokens"] = route.max_output_tokens
+    fields.update({k: v for k, v in turn.params.items() if k in _CAP_FIELDS})
+    return fields
+
+
+def _usable_cap(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def completion_limit(turn: Turn, route: Route) -> int | None:
-    """The completion cap the request will carry (``max_tokens``), or ``None``."""
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = turn.params.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-    return route.max_output_tokens
+    """The completion cap the request will carry, or ``None`` when it carries none.
+
+    Looks where the request body gets it from (the route's ``extra_body``,
+    its ``max_output_tokens``, the turn's ``params``); when both
+    ``max_completion_tokens`` and ``max_tokens`` are set the larger counts,
+    as servers differ in which they honour.  A value that is not a whole
+    number > 0 caps nothing.
+    """
+    caps = [v for v in _cap_fields(turn, route).values() if _usable_cap(v)]
+    return max(caps) if caps else None
+
+
+def unreadable_cap(turn: Turn, route: Route) -> bool:
+    """Whether the request carries a cap field that is not a whole number > 0.
+
+    Such a field (``max_tokens = "lots"``, ``0``, ``1e9``) overrides what a
+    stage sets on the route, and what the server makes of it is unknown: a
+    cost bound cannot rely on any cap then.
+    """
+    return any(not _usable_cap(v) for v in _cap_fields(turn, route).values())
 
 
 @attrs.frozen
@@ -568,9 +680,11 @@ def estimate_call(
 
     Prompt tokens are counted locally and multiplied by ``prompt_margin``
     (local tokenizers differ from the model's), or with ``bound`` taken from
-    :func:`prompt_token_bound`; completion tokens are the request's
-    ``max_tokens`` when it has one, else ``default_completion``.  ``price``
-    defaults to the route's own.
+    :func:`prompt_token_bound`; completion tokens are the request's cap
+    (:func:`completion_limit`) when it has one, else ``default_completion``.
+    ``price`` defaults to the route's own.  The estimate is ``capped`` only
+    when the request carries a readable cap and no unreadable one
+    (:func:`unreadable_cap`).
     """
     if bound:
         prompt = prompt_token_bound(turn)
@@ -581,4 +695,5 @@ def estimate_call(
     completion = limit if limit is not None else default_completion
     price = price if price is not None else route.price
     usd = price.cost(prompt, completion) if price is not None else 0.0
-    return CostEstimate(prompt, completion, usd, price is not None, limit is not None, bound)
+    capped = limit is not None and not unreadable_cap(turn, route)
+    return CostEstimate(prompt, completion, usd, price is not None, capped, bound)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from nimpipe import Attempt, Block, CallRecord, Price, Route, Turn, hookimpl
-from nimpipe.errors import ConfigError, HookError
+from nimpipe.errors import ConfigError, MalformedReplyError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib.budget import BudgetStage
+from nimpipe_contrib.budget import UNCAPPED_COMPLETION_TOKENS, BudgetStage
 from nimpipe_contrib.ledger import Ledger
 
 CHEAP = "meta/llama-3.1-8b-instruct"
@@ -116,7 +119,7 @@ def test_64_concurrent_turns_never_overrun_the_budget(
         limit - spend
         < stage._estimate(
             Turn.create("wave 99 turn 99 asks a short question"), pipeline.config.routes["hosted"]
-        )[0]
+        ).usd
     )
     print(
         f"\n64 concurrent turns x {waves} waves: spend/limit = ${spend:.6f}/${limit:.2f} "
@@ -356,9 +359,9 @@ def test_spend_already_in_the_ledger_counts(
     ],
 )
 def test_bad_settings_name_the_key(make_pipeline: Any, settings: dict[str, Any], key: str) -> None:
-    with pytest.raises(HookError) as info:
+    with pytest.raises(ConfigError) as info:
         make_pipeline(stages={"budget": settings})
-    cause = info.value.__cause__
+    cause = info.value
     assert isinstance(cause, ConfigError) and cause.key == key
 
 
@@ -374,9 +377,327 @@ def test_tokenizer_estimates_reserve_less_than_the_byte_bound(
         )
         stage = budget_of(pipeline)
         route = pipeline.config.routes["hosted"]
-        usd, capped = stage._estimate(turn, route)
-        assert capped and usd is not None
+        cost = stage._estimate(turn, route)
+        usd = cost.usd
+        assert cost.capped_route is None and usd is not None  # the request carries its cap
         reserved[estimate] = usd
         result = pipeline.run(turn)
         assert result.ok and result.cost_usd <= usd
     assert reserved["tokenizer"] < reserved["bound"] / 3
+
+
+# ----------------------------------------------------------------------
+# hostile servers and records: the limit holds against any reply
+# ----------------------------------------------------------------------
+
+
+def lying_reply(model: str, prompt: Any = 5, completion: Any = 5000) -> dict[str, Any]:
+    """A NIM-shaped completion whose usage says what a hostile server wants."""
+    return {
+        "id": "chatcmpl-lie",
+        "object": "chat.completion",
+        "created": 1_750_000_000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "a short answer"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+    }
+
+
+def run_turns(pipeline: Any, mode: str, turns: list[Turn]) -> list[Any]:
+    """Each turn's result, or the exception it raised; ``arun`` runs them all at once."""
+    if mode == "run":
+        out: list[Any] = []
+        for turn in turns:
+            try:
+                out.append(pipeline.run(turn))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    async def main() -> list[Any]:
+        return list(
+            await asyncio.gather(*(pipeline.arun(t) for t in turns), return_exceptions=True)
+        )
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_a_server_ignoring_the_completion_cap_cannot_overspend(
+    server: NimServer, make_pipeline: Any, tmp_path: Path, mode: str
+) -> None:
+    limit = 0.01
+    pipeline = make_pipeline(
+        routes=[hosted(server)],
+        stages={
+            "budget": {"daily_usd": limit, "on_limit": "refuse", "default_completion_tokens": 16},
+            "ledger": {"path": str(tmp_path / "l.sqlite")},
+        },
+    )
+    # every reply claims 5,000 completion tokens ($0.05, five times the day's limit)
+    server.inject("status", count=None, status=200, body=lying_reply(HOSTED))
+    turns = [Turn.create(f"{mode} turn {i} asks a short question") for i in range(60)]
+    results = run_turns(pipeline, mode, turns)
+    assert not [r for r in results if isinstance(r, BaseException)]
+    answered = [r for r in results if r.ok]
+    blocked = [r for r in results if not r.ok]
+    assert answered and blocked and {r.blocked.rule for r in blocked} == {"budget:daily"}
+    records = [rec for r in answered for rec in r.records]
+    assert records and all(rec.completion_tokens <= 16 for rec in records)
+    spend = sum(r.cost_usd for r in results)
+    stage = budget_of(pipeline)
+    status = daily(stage)
+    assert spend <= limit and status.spent_usd <= limit
+    assert status.spent_usd == pytest.approx(spend)
+    assert status.overshoot_usd == 0 and stage.overruns == 0 and stage.reservations == 0
+    ledger_spend, _ = ledger_of(pipeline).spend(0)
+    assert ledger_spend == pytest.approx(spend, abs=1e-9)
+    print(
+        f"\ncap ignored ({mode}): spend/limit = ${spend:.6f}/${limit:.2f}, overshoot "
+        f"${status.overshoot_usd:.6f}; {len(answered)} answered, {len(blocked)} refused"
+    )
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_negative_usage_creates_no_headroom(
+    server: NimServer, make_pipeline: Any, mode: str
+) -> None:
+    limit = 0.01
+    pipeline = make_pipeline(
+        routes=[hosted(server, max_retries=0)],
+        stages={
+            "budget": {"daily_usd": limit, "on_limit": "refuse", "default_completion_tokens": 16}
+        },
+    )
+    stage = budget_of(pipeline)
+    assert pipeline.run(Turn.create("an honest call first")).ok
+    before = daily(stage).spent_usd
+    assert before > 0
+    server.inject(
+        "status", count=None, status=200, body=lying_reply(HOSTED, prompt=-1_000_000, completion=3)
+    )
+    results = run_turns(pipeline, mode, [Turn.create(f"{mode} {i} lies") for i in range(8)])
+    # the reply is a typed error, and what it cost is never below zero
+    assert all(isinstance(r, MalformedReplyError) for r in results), results
+    after = daily(stage)
+    assert before <= after.spent_usd <= limit and after.overshoot_usd == 0
+    assert stage.reservations == 0 and after.reserved_usd == 0
+    server.clear_faults()
+    assert pipeline.run(Turn.create("an honest call after")).ok
+    print(f"\nnegative usage ({mode}): spend/limit = ${daily(stage).spent_usd:.6f}/${limit:.2f}")
+
+
+def reserve(pipeline: Any, turn: Turn) -> Any:
+    """Ask the budget (through the hook relay) to reserve the first call of ``turn``."""
+    route = pipeline.config.routes["hosted"]
+    return budget_of(pipeline).before_call(
+        turn=turn, route=route, attempt=Attempt(), pipeline=pipeline
+    )
+
+
+def record_of(turn: Turn, **kw: Any) -> CallRecord:
+    values: dict[str, Any] = {
+        "time": time.time(),
+        "turn_id": turn.id,
+        "agent_id": turn.agent_id,
+        "agent_type": turn.agent_type,
+        "route": "hosted",
+        "provider": "third-party",
+        "model": HOSTED,
+        "prompt_tokens": 10,
+        "completion_tokens": 10,
+        "cost_usd": 0.0002,
+    }
+    values.update(kw)
+    return CallRecord(**values)
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        {"cost_usd": math.nan},
+        {"cost_usd": math.inf},
+        {"cost_usd": -5.0},
+        {"prompt_tokens": -1_000_000, "cost_usd": -9.99},
+        {"prompt_tokens": -1_000_000, "completion_tokens": 20, "cost_usd": 0.0},
+        {"completion_tokens": 10**20, "cost_usd": 1e18},
+        {"completion_tokens": 12.5},
+        {"prompt_tokens": True},
+        {"cost_usd": 1e300},
+    ],
+)
+def test_a_record_with_impossible_figures_is_charged_its_reservation(
+    server: NimServer, make_pipeline: Any, figures: dict[str, Any]
+) -> None:
+    limit = 0.01
+    pipeline = make_pipeline(
+        routes=[hosted(server)],
+        stages={
+            "budget": {"daily_usd": limit, "on_limit": "refuse", "default_completion_tokens": 16}
+        },
+    )
+    stage = budget_of(pipeline)
+    turn = Turn.create("a third-party provider answers this")
+    assert reserve(pipeline, turn) is not None  # the capped route
+    reserved = daily(stage).reserved_usd
+    assert reserved > 0
+    record = record_of(turn, **figures)
+    pipeline.plugins.pm.hook.record_cost(record=record, turn=turn, pipeline=pipeline)
+    status = daily(stage)
+    assert status.spent_usd == pytest.approx(reserved) and status.reserved_usd == 0
+    assert math.isfinite(status.spent_usd) and status.overshoot_usd == 0
+    assert stage.invalid_records == 1 and stage.overruns == 0
+
+
+def test_a_record_with_impossible_figures_and_no_reservation_is_charged_its_worst_case(
+    server: NimServer, make_pipeline: Any
+) -> None:
+    pipeline = make_pipeline(
+        routes=[hosted(server, context_length=1000)],
+        stages={"budget": {"daily_usd": 1.0}},
+    )
+    stage = budget_of(pipeline)
+    turn = Turn.create("never reserved")
+    record = record_of(turn, prompt_tokens=-5, completion_tokens=10**20, cost_usd=math.nan)
+    pipeline.plugins.pm.hook.record_cost(record=record, turn=turn, pipeline=pipeline)
+    # each impossible count is taken as the whole context: 1000 + 1000 tokens at $0.01/1k
+    assert daily(stage).spent_usd == pytest.approx(PRICE.cost(1000, 1000))
+    assert stage.invalid_records == 1
+
+
+def test_a_call_costing_more_than_its_reservation_is_charged_and_stops_the_next(
+    server: NimServer, make_pipeline: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = 0.01
+    pipeline = make_pipeline(
+        routes=[hosted(server)],
+        stages={
+            "budget": {"daily_usd": limit, "on_limit": "refuse", "default_completion_tokens": 16}
+        },
+    )
+    stage = budget_of(pipeline)
+    turn = Turn.create("a provider that does not clamp its usage")
+    reserve(pipeline, turn)
+    # a third-party provider reports 5,000 completion tokens against a cap of 16
+    record = record_of(turn, completion_tokens=5000, cost_usd=PRICE.cost(10, 5000))
+    with caplog.at_level(logging.WARNING, logger="nimpipe.budget"):
+        pipeline.plugins.pm.hook.record_cost(record=record, turn=turn, pipeline=pipeline)
+    status = daily(stage)
+    # the spend is real: charged in full, reported, and nothing more is let through
+    assert status.spent_usd == pytest.approx(record.cost_usd)
+    assert status.overshoot_usd == pytest.approx(record.cost_usd - limit)
+    assert stage.overruns == 1 and stage.reservations == 0
+    assert "budget:daily limit of $0.010000 overshot by $0.040100" in caplog.text
+    refused = reserve(pipeline, Turn.create("the next call"))
+    assert isinstance(refused, Block) and refused.rule == "budget:daily"
+    result = pipeline.run(Turn.create("and through the pipeline"))
+    assert result.blocked is not None and result.blocked.rule == "budget:daily"
+    assert server.count() == 0
+
+
+def test_uncapped_calls_reserve_the_whole_context(server: NimServer, make_pipeline: Any) -> None:
+    from nimpipe_contrib.pricing import prompt_token_bound
+
+    pipeline = make_pipeline(
+        routes=[hosted(server, context_length=4096)],
+        stages={"budget": {"daily_usd": 1.0, "cap_completion": False}},
+    )
+    stage = budget_of(pipeline)
+    route = pipeline.config.routes["hosted"]
+    turn = Turn.create("no cap at all")
+    bound = prompt_token_bound(turn)
+    cost = stage._estimate(turn, route)
+    assert cost.capped_route is None and cost.usd == pytest.approx(PRICE.cost(bound, 4096))
+    unknown = attrs.evolve(route, context_length=None)
+    assert stage._estimate(turn, unknown).usd == pytest.approx(
+        PRICE.cost(bound, UNCAPPED_COMPLETION_TOKENS)
+    )
+    # with cap_completion on, a cap field the server may read any way is no cap either
+    capping = make_pipeline(routes=[hosted(server, context_length=4096)], stages={"budget": {}})
+    odd = Turn.create("no cap at all", params={"max_tokens": "lots"})
+    odd_cost = budget_of(capping)._estimate(odd, capping.config.routes["hosted"])
+    assert odd_cost.capped_route is None and odd_cost.usd == pytest.approx(PRICE.cost(bound, 4096))
+    # a cap from extra_body counts, and the larger of two caps
+    both = attrs.evolve(route, extra_body={"max_completion_tokens": 300}, max_output_tokens=20)
+    assert stage._estimate(turn, both).usd == pytest.approx(PRICE.cost(bound, 300))
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_a_lying_server_on_an_uncapped_route_overshoots_by_one_call_at_most(
+    server: NimServer, make_pipeline: Any, mode: str
+) -> None:
+    from nimpipe_contrib.pricing import prompt_token_bound
+
+    context = 1000
+    turns = [Turn.create(f"{mode} uncapped {i}") for i in range(6)]
+    one_call = max(PRICE.cost(prompt_token_bound(t), context) for t in turns)
+    limit = round(one_call * 1.5, 6)  # room for one worst-case call, not two
+    pipeline = make_pipeline(
+        routes=[hosted(server, context_length=context)],
+        stages={"budget": {"daily_usd": limit, "on_limit": "refuse", "cap_completion": False}},
+    )
+    # the request has no cap to clamp to: the server's 5,000 tokens reach the record
+    server.inject("status", count=None, status=200, body=lying_reply(HOSTED, completion=5000))
+    results = run_turns(pipeline, mode, turns)
+    answered = [r for r in results if not isinstance(r, BaseException) and r.ok]
+    assert len(answered) == 1
+    assert all(r.blocked.rule == "budget:daily" for r in results if r not in answered)
+    stage = budget_of(pipeline)
+    status = daily(stage)
+    assert status.spent_usd == pytest.approx(answered[0].cost_usd)
+    assert 0 < status.overshoot_usd <= answered[0].cost_usd and stage.overruns == 1
+    print(
+        f"\nuncapped lying server ({mode}): spend/limit = ${status.spent_usd:.6f}/${limit:.6f}, "
+        f"overshoot ${status.overshoot_usd:.6f} (one call), {len(results) - 1} refused"
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.5])
+def test_a_route_price_that_is_not_a_finite_amount_is_refused(
+    server: NimServer, make_pipeline: Any, value: float
+) -> None:
+    bad = Price(input_per_1k=0.01, output_per_1k=value, source="test")
+    with pytest.raises(ConfigError) as info:
+        make_pipeline(routes=[hosted(server, price=bad)], stages={"budget": {"daily_usd": 1.0}})
+    cause = info.value
+    assert isinstance(cause, ConfigError) and cause.key == "routes.hosted.price.output_per_1k"
+    # a route added after configure (endpoint discovery) is refused at its call
+    pipeline = make_pipeline(
+        routes=[hosted(server)],
+        stages={"budget": {"daily_usd": 1.0, "unpriced": "allow", "on_limit": "refuse"}},
+    )
+    pipeline.replace_routes(hosted(server, price=bad))
+    result = pipeline.run(Turn.create("priced at nan"))
+    assert result.blocked is not None and result.blocked.rule == "budget:invalid-price"
+    assert "output_per_1k is" in result.blocked.reason and server.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"daily_usd": math.nan}, "stages.budget.daily_usd"),
+        ({"daily_usd": math.inf}, "stages.budget.daily_usd"),
+        ({"monthly_usd": -0.01}, "stages.budget.monthly_usd"),
+        ({"monthly_usd": math.inf}, "stages.budget.monthly_usd"),
+        ({"agent_daily_usd": math.nan}, "stages.budget.agent_daily_usd"),
+        ({"agent_monthly_usd": -math.inf}, "stages.budget.agent_monthly_usd"),
+        ({"agents": {"x": {"daily_usd": math.nan}}}, "stages.budget.agents.x.daily_usd"),
+        ({"agents": {"x": {"monthly_usd": math.inf}}}, "stages.budget.agents.x.monthly_usd"),
+        ({"prompt_margin": math.inf}, "stages.budget.prompt_margin"),
+        ({"reservation_ttl": math.nan}, "stages.budget.reservation_ttl"),
+        ({"default_completion_tokens": 10**12}, "stages.budget.default_completion_tokens"),
+    ],
+)
+def test_limits_that_are_not_finite_amounts_name_the_key(
+    make_pipeline: Any, settings: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_pipeline(stages={"budget": settings})
+    cause = info.value
+    assert isinstance(cause, ConfigError) and cause.key == key

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import nimpipe
 from nimpipe import Price, Route, Turn
-from nimpipe.errors import ConfigError, HookError
+from nimpipe.errors import ConfigError
 from nimpipe.testing.nim_server import NimServer
 from nimpipe_contrib import pricing
 
@@ -152,7 +154,7 @@ def test_cost_stages_share_one_price_file(make_pipeline: Any, tmp_path: Path) ->
     one = write_prices(tmp_path, "")
     other = tmp_path / "other.toml"
     other.write_text("")
-    with pytest.raises(HookError) as info:
+    with pytest.raises(ConfigError) as info:
         make_pipeline(
             routes=[hosted()],
             stages={
@@ -160,7 +162,7 @@ def test_cost_stages_share_one_price_file(make_pipeline: Any, tmp_path: Path) ->
                 "budget": {"prices": str(other)},
             },
         )
-    cause = info.value.__cause__
+    cause = info.value
     assert isinstance(cause, ConfigError)
     assert cause.key in ("stages.budget.prices", "stages.ledger.prices")
 
@@ -169,10 +171,10 @@ def test_missing_price_file_is_a_config_error(
     make_pipeline: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NIMPIPE_PRICES", str(tmp_path / "nope.toml"))
-    with pytest.raises(HookError) as info:
+    with pytest.raises(ConfigError) as info:
         make_pipeline(routes=[hosted()], stages={"router": {}})
-    assert isinstance(info.value.__cause__, ConfigError)
-    assert info.value.__cause__.key == "NIMPIPE_PRICES"
+    assert isinstance(info.value, ConfigError)
+    assert info.value.key == "NIMPIPE_PRICES"
 
 
 def test_user_price_file_in_config_home(
@@ -237,3 +239,83 @@ def test_the_byte_bound_is_never_below_the_tokenizer_count(text: str) -> None:
     assert pricing.prompt_token_bound(turn) >= max(counted, counted_cl100k)
     bound = pricing.estimate_call(turn, hosted(price=Price(input_per_1k=1.0)), bound=True)
     assert bound.bound and bound.prompt_tokens == pricing.prompt_token_bound(turn)
+
+
+# ----------------------------------------------------------------------
+# impossible prices are refused where they are loaded
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "+nan", "-0.001"])
+@pytest.mark.parametrize("name", ["input_per_1k", "output_per_1k"])
+def test_a_price_file_with_an_impossible_price_names_it(
+    tmp_path: Path, value: str, name: str
+) -> None:
+    path = write_prices(tmp_path, f'[models."{HOSTED_MODEL}"]\n{name} = {value}\n')
+    with pytest.raises(ConfigError) as info:
+        pricing.load_overrides(path)
+    assert info.value.key == f"models.{HOSTED_MODEL}.{name}"
+    assert "finite number >= 0" in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["gpu_hour_usd", "tokens_per_second", "utilization"])
+def test_an_amortised_price_with_an_infinite_figure_names_it(tmp_path: Path, name: str) -> None:
+    figures = {"gpu_hour_usd": "2.0", "tokens_per_second": "100", "utilization": "0.5"}
+    figures[name] = "inf"
+    text = "[routes.local]\n" + "".join(f"{k} = {v}\n" for k, v in figures.items())
+    with pytest.raises(ConfigError) as info:
+        pricing.load_overrides(write_prices(tmp_path, text))
+    assert info.value.key == f"routes.local.{name}"
+    with pytest.raises(ValueError, match=name):
+        pricing.amortised_price(**{k: float(v) for k, v in figures.items()})
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e999", "-1"])
+def test_a_snapshot_with_an_impossible_price_names_it(tmp_path: Path, raw: str) -> None:
+    bad = tmp_path / "prices.json"
+    bad.write_text(
+        '{"version": "x", "models": {"m": {"input_per_1k": 0.1, "output_per_1k": '
+        + raw
+        + ', "source": "s"}}}'
+    )
+    with pytest.raises(ConfigError) as info:
+        pricing.load_snapshot(bad)
+    assert info.value.key == "models.m.output_per_1k"
+
+
+@pytest.mark.parametrize("stage", ["ledger", "budget", "router", "cascade"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -1.0])
+def test_a_route_with_an_impossible_price_is_refused_by_every_cost_stage(
+    make_pipeline: Any, tmp_path: Path, stage: str, value: float
+) -> None:
+    settings: dict[str, Any] = {"path": str(tmp_path / "l.sqlite")} if stage == "ledger" else {}
+    route = hosted(price=Price(input_per_1k=value, output_per_1k=0.001))
+    with pytest.raises(ConfigError) as info:
+        make_pipeline(routes=[route], stages={stage: settings})
+    assert info.value.key == "routes.hosted.price.input_per_1k"
+    assert pricing.price_problem(route.price) == f"input_per_1k is {value!r}"
+    assert pricing.price_problem(Price(input_per_1k=0.5)) is None
+
+
+def test_the_completion_cap_is_read_where_the_request_gets_it() -> None:
+    route = hosted(extra_body={"max_completion_tokens": 300, "top_k": 5})
+    turn = Turn.create("x")
+    assert pricing.completion_limit(turn, route) == 300
+    # the route's own cap is sent as max_tokens beside it: the larger counts
+    assert pricing.completion_limit(turn, attrs.evolve(route, max_output_tokens=20)) == 300
+    assert (
+        pricing.completion_limit(Turn.create("x", params={"max_completion_tokens": 9}), route) == 9
+    )
+    assert pricing.completion_limit(turn, hosted()) is None
+    # a value that is not a whole number > 0 caps nothing, and makes the cap unreadable
+    for odd in ("lots", 0, 12.5, True, -3):
+        odd_turn = Turn.create("x", params={"max_tokens": odd})
+        assert pricing.completion_limit(odd_turn, hosted()) is None
+        assert pricing.unreadable_cap(odd_turn, hosted(max_output_tokens=16))
+        assert not pricing.estimate_call(odd_turn, hosted(max_output_tokens=16)).capped
+    assert not pricing.unreadable_cap(turn, route)
+
+
+def test_the_byte_bound_counts_lone_surrogates_instead_of_failing() -> None:
+    turn = Turn.create("bad \ud800 input")
+    assert pricing.prompt_token_bound(turn) >= len("bad  input") + 3
