@@ -26,13 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nimpipe import CallRecord, NimpipeError, Turn, TurnResult, hookimpl
+from nimpipe import CallRecord, FinishReason, NimpipeError, Turn, TurnResult, hookimpl
 from nimpipe.errors import ProviderError
 
 MODES = ("run", "arun", "stream", "astream")
 STREAMING = frozenset({"stream", "astream"})
 #: How long past its bound a case is watched before it is reported as hung.
-GRACE = 3.0
+GRACE = 2.0
 #: Allowed lateness past a deadline.
 SLACK = 0.5
 #: Largest token count a record may carry: exact in a float, fits an SQLite integer.
@@ -108,6 +108,7 @@ class TurnOutcome:
     result: TurnResult | None = None
     error: BaseException | None = None
     chunks: list[Any] = field(default_factory=list)
+    started: float | None = None
     elapsed: float | None = None
     loop: asyncio.AbstractEventLoop | None = None
     task: asyncio.Task[Any] | None = None
@@ -124,7 +125,8 @@ class TurnOutcome:
         assert self.result is not None
         if self.result.blocked is not None:
             return f"blocked ({self.result.blocked.rule or self.result.blocked.plugin})"
-        return f"answer ({self.result.finish_reason.value}, {len(self.result.text)} chars)"
+        finish = getattr(self.result.finish_reason, "value", self.result.finish_reason)
+        return f"answer ({finish}, {len(self.result.text)} chars)"
 
     def stop(self) -> None:
         """Cancel an async turn that outlived its watch (frees its socket)."""
@@ -144,7 +146,7 @@ def run_turn(
 ) -> TurnOutcome:
     """Run one turn in ``mode`` in the calling thread; never raises."""
     outcome = outcome or TurnOutcome(mode)
-    started = time.monotonic()
+    started = outcome.started = time.monotonic()
     try:
         turn = make_turn()
         if mode == "run":
@@ -155,7 +157,7 @@ def run_turn(
                 outcome.chunks.append(item)
             outcome.result = stream.result
         elif mode in ("arun", "astream"):
-            outcome.result = asyncio.run(_async_turn(pipeline, mode, turn, cancel, outcome))
+            outcome.result = asyncio.run(async_turn(pipeline, mode, turn, cancel, outcome))
         else:
             raise ValueError(f"unknown mode {mode!r}")
     except BaseException as exc:  # judged by the caller: any exception is an outcome
@@ -164,9 +166,10 @@ def run_turn(
     return outcome
 
 
-async def _async_turn(
+async def async_turn(
     pipeline: Any, mode: str, turn: Turn, cancel: Any, outcome: TurnOutcome
 ) -> TurnResult | None:
+    """``arun`` or ``astream`` one turn on the running loop; released chunks go to ``outcome``."""
     outcome.loop = asyncio.get_running_loop()
     outcome.task = asyncio.current_task()
     if mode == "arun":
@@ -199,8 +202,17 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def watch(fn: Callable[[], Any], limit: float, *, name: str = "hostile-case") -> Watched:
-    """Run ``fn`` in a daemon thread; wait at most ``limit`` seconds; measure memory."""
+def watch(
+    fn: Callable[[], Any],
+    limit: float,
+    *,
+    name: str = "hostile-case",
+    stuck: Callable[[], bool] | None = None,
+) -> Watched:
+    """Run ``fn`` in a daemon thread; wait at most ``limit`` seconds; measure memory.
+
+    ``stuck`` (checked ten times a second) gives up on ``fn`` early.
+    """
     watched = Watched()
 
     def target() -> None:
@@ -229,7 +241,11 @@ def watch(fn: Callable[[], Any], limit: float, *, name: str = "hostile-case") ->
     started = time.monotonic()
     sampler.start()
     worker.start()
-    worker.join(limit)
+    give_up = started + limit
+    while worker.is_alive() and time.monotonic() < give_up:
+        worker.join(min(0.1, max(0.0, give_up - time.monotonic())))
+        if stuck is not None and worker.is_alive() and stuck():
+            break
     watched.elapsed = time.monotonic() - started
     watched.peak_bytes = max(0, tracemalloc.get_traced_memory()[1] - start_traced)
     if not tracing:
@@ -239,6 +255,19 @@ def watch(fn: Callable[[], Any], limit: float, *, name: str = "hostile-case") ->
     highest[0] = max(highest[0], _rss())
     watched.rss_growth = highest[0] - baseline
     return watched
+
+
+def any_stuck(outcomes: Sequence[TurnOutcome], bound: float) -> Callable[[], bool]:
+    """For :func:`watch`: true once a turn of ``outcomes`` runs past ``bound`` + GRACE."""
+
+    def stuck() -> bool:
+        now = time.monotonic()
+        return any(
+            o.started is not None and not o.finished and now - o.started > bound + GRACE
+            for o in list(outcomes)
+        )
+
+    return stuck
 
 
 # --------------------------------------------------------------------------
@@ -287,7 +316,7 @@ def judge_turn(outcome: TurnOutcome, expect: Expect, bound: float) -> list[str]:
         if not isinstance(exc, NimpipeError):
             problems.append(f"bare {type(exc).__name__}: {str(exc)[:200]} [{tail(exc)}]")
         elif not isinstance(exc, expect.errors):
-            allowed = ", ".join(t.__name__ for t in expect.errors)
+            allowed = ", ".join(t.__name__ for t in expect.errors) or "the answer"
             problems.append(f"{type(exc).__name__} ({str(exc)[:200]}), expected {allowed}")
         return problems
     result = outcome.result
@@ -302,6 +331,8 @@ def judge_turn(outcome: TurnOutcome, expect: Expect, bound: float) -> list[str]:
     if not isinstance(result.text, str):
         problems.append(f"result.text is {type(result.text).__name__}")
         return problems
+    if not isinstance(result.finish_reason, FinishReason):
+        problems.append(f"finish reason {result.finish_reason!r} is not a FinishReason")
     if outcome.mode in STREAMING and result.blocked is None:
         released = "".join(c for c in outcome.chunks if isinstance(c, str))
         if released != result.text:
@@ -339,6 +370,19 @@ def sane_usage(result: TurnResult, outcome: TurnOutcome) -> list[str]:
         value = getattr(usage, name)
         if type(value) is not int or not 0 <= value <= MAX_TOKENS:
             problems.append(f"usage.{name} = {value!r} (source {usage.source})")
+    return problems
+
+
+def clean_text(result: TurnResult, outcome: TurnOutcome) -> list[str]:
+    """The text and every chunk are valid Unicode (no lone surrogates): printable, storable."""
+    problems = []
+    for where, text in [("result.text", result.text)] + [
+        (f"chunk {i}", c) for i, c in enumerate(outcome.chunks) if isinstance(c, str)
+    ]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            problems.append(f"{where} is not valid text ({exc.reason} at {exc.start})")
     return problems
 
 

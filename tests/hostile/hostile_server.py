@@ -213,9 +213,12 @@ class Wire:
         content_type: str = "application/json",
     ) -> None:
         """Status line and headers; no length and no chunking means close-delimited."""
-        reason = {200: "OK", 429: "Too Many Requests", 500: "Internal Server Error"}.get(
-            status, "Status"
-        )
+        reason = {
+            200: "OK",
+            429: "Too Many Requests",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }.get(status, "Status")
         lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}"]
         lines += [f"{k}: {v}" for k, v in headers or []]
         if length is not None:
@@ -349,10 +352,15 @@ async def _slow_first(wire: Wire, stream: bool, n: int, arg: str) -> None:
 
 @scenario("retry_after")
 async def _retry_after(wire: Wire, stream: bool, n: int, arg: str) -> None:
-    """The first request gets HTTP 429 with a hostile Retry-After; later ones an answer."""
+    """The first request gets HTTP 429 (or ``503-<name>``: 503) with a hostile Retry-After.
+
+    Later requests get the answer.
+    """
+    status, _, name = arg.rpartition("-") if "-" in arg else ("429", "", arg)
     if n == 0:
-        header = RETRY_AFTER[arg]
-        await wire.json({"error": {"message": "slow down", "type": "rate_limit"}}, 429, [header])
+        header = RETRY_AFTER[name]
+        error = {"error": {"message": "slow down", "type": "rate_limit"}}
+        await wire.json(error, int(status), [header])
         return
     await wire.answer(stream)
 
@@ -644,6 +652,169 @@ async def _cut_chunked(wire: Wire, stream: bool, n: int, arg: str) -> None:
         await wire.raw(data[: len(data) // 2])
 
 
+# -- the wire itself ---------------------------------------------------------
+
+
+@scenario("drop")
+async def _drop(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """The connection closes as soon as the request is read."""
+
+
+@scenario("garbage")
+async def _garbage(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """Bytes that are not HTTP at all, then the connection closes."""
+    await wire.raw(b"\x00\xff\xfeNOT HTTP\r\n\x1b[31m\r\n\r\n" * 64)
+
+
+@scenario("header_flood")
+async def _header_flood(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """A header line that never ends, as fast as the client reads (64 MB at most)."""
+    await wire.raw(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Flood: ")
+    block = b"a" * (64 * 2**10)
+    for _ in range(1024):
+        await wire.raw(block)
+
+
+#: How much a gzip bomb inflates to.
+BOMB_BYTES = 256 * 2**20
+_BOMBS: dict[bool, bytes] = {}
+
+
+def _bomb(stream: bool) -> bytes:
+    """A gzip body that inflates to :data:`BOMB_BYTES` of one valid reply."""
+    if stream not in _BOMBS:
+        import zlib
+
+        packer = zlib.compressobj(1, zlib.DEFLATED, 31)
+        block = b"a" * 2**20
+        out = []
+        if stream:
+            first = sse_text([chunk({"role": "assistant", "content": ""})], done=False)
+            out.append(packer.compress(first))
+            step = HUGE_EVENT_BYTES
+            event = sse_text([chunk({"content": "a" * step})], done=False)
+            for _ in range(BOMB_BYTES // step):
+                out.append(packer.compress(event))
+            out.append(packer.compress(sse_text(answer_chunks(())[-2:])))
+        else:
+            head, tail = json.dumps(completion("@@")).encode().split(b"@@")
+            out.append(packer.compress(head))
+            for _ in range(BOMB_BYTES // len(block)):
+                out.append(packer.compress(block))
+            out.append(packer.compress(tail))
+        out.append(packer.flush())
+        _BOMBS[stream] = b"".join(out)
+    return _BOMBS[stream]
+
+
+@scenario("gzip_bomb")
+async def _gzip_bomb(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """A few hundred KB on the wire, ``Content-Encoding: gzip``, 256 MB once inflated."""
+    data = _bomb(stream)
+    kind = "text/event-stream" if stream else "application/json"
+    await wire.head(200, [("Content-Encoding", "gzip")], length=len(data), content_type=kind)
+    await wire.raw(data)
+
+
+@scenario("bad_utf8")
+async def _bad_utf8(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """Bytes that are not UTF-8 inside the JSON text."""
+    plain = json.dumps(completion("@@")).encode().replace(b"@@", b"Hello \xff\xfe world")
+    event = json.dumps(chunk({"content": "@@"})).encode().replace(b"@@", b"Hello \xff\xfe")
+    await _reply(wire, stream, plain, [chunk({"role": "assistant", "content": ""}), event])
+
+
+@scenario("reply_surrogate")
+async def _reply_surrogate(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """A lone surrogate escape (``\\ud800``) in the reply's text: valid JSON, invalid text."""
+    plain = with_raw(completion("@x@"), x='"Hello \\ud800 world"')
+    event = with_raw(chunk({"content": "@x@"}), x='"Hello \\udfff"')
+    chunks = [chunk({"role": "assistant", "content": ""}), event, *answer_chunks(())[-2:]]
+    await _reply(wire, stream, plain, chunks)
+
+
+@scenario("finish_weird")
+async def _finish_weird(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """A finish reason that is a number."""
+    chunks = answer_chunks()
+    chunks[-2] = chunk(finish=5)
+    await _reply(wire, stream, completion(finish=5), chunks)
+
+
+@scenario("delta_bad")
+async def _delta_bad(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """A streamed chunk whose delta is a string, among good ones (plain: message is one)."""
+    chunks = answer_chunks()
+    chunks.insert(1, chunk(choices=[{"index": 0, "delta": "oops", "finish_reason": None}]))
+    plain = completion(choices=[{"index": 0, "message": "oops", "finish_reason": "stop"}])
+    await _reply(wire, stream, plain, chunks)
+
+
+async def _sse_bytes(wire: Wire, data: bytes) -> None:
+    await wire.head(200, length=len(data), content_type="text/event-stream")
+    await wire.raw(data)
+
+
+@scenario("sse_multiline")
+async def _sse_multiline(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """Each event's JSON split over two ``data:`` lines (joined by a newline, per SSE)."""
+    if not stream:
+        await wire.answer(False)
+        return
+    out = b""
+    for c in answer_chunks():
+        text = json.dumps(c).encode()
+        cut = text.index(b", ") + 1
+        out += b"data: " + text[:cut] + b"\ndata: " + text[cut:] + b"\n\n"
+    await _sse_bytes(wire, out + b"data: [DONE]\n\n")
+
+
+@scenario("sse_crlf")
+async def _sse_crlf(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """Events ended by CRLF line endings."""
+    if not stream:
+        await wire.answer(False)
+        return
+    await _sse_bytes(wire, sse_text(answer_chunks()).replace(b"\n", b"\r\n"))
+
+
+@scenario("sse_no_space")
+async def _sse_no_space(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """``data:{...}`` without the optional space."""
+    if not stream:
+        await wire.answer(False)
+        return
+    await _sse_bytes(wire, sse_text(answer_chunks()).replace(b"data: ", b"data:"))
+
+
+@scenario("sse_fields")
+async def _sse_fields(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """Comments, ``event:``, ``id:``, ``retry:`` and unknown fields around every event."""
+    if not stream:
+        await wire.answer(False)
+        return
+    extra = b": comment\nevent: message\nid: 7\nretry: 1000\nfoo: bar\n"
+    events = sse_text(answer_chunks()).split(b"\n\n")[:-1]
+    await _sse_bytes(wire, b"".join(extra + e + b"\n\n" for e in events))
+
+
+@scenario("many_events")
+async def _many_events(wire: Wire, stream: bool, n: int, arg: str) -> None:
+    """``arg`` (300,000) one-character events (plain: the same text at once)."""
+    count = int(arg or 300_000)
+    if not stream:
+        await wire.json(completion("a" * count))
+        return
+    await wire.head(200, chunked=True, content_type="text/event-stream")
+    await wire.body(sse_text([chunk({"role": "assistant", "content": ""})], done=False))
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+    batch = 1000
+    for _ in range(count // batch):
+        await wire.body(event * batch)
+    await wire.body(sse_text(answer_chunks(())[-2:]))
+    await wire.end()
+
+
 # -- output checks -----------------------------------------------------------
 
 
@@ -789,9 +960,10 @@ async def _main() -> None:
     listener = await asyncio.start_server(
         server.handle, "127.0.0.1", 0, limit=2**20, reuse_address=True
     )
-    for kind in ("a", "words"):
-        for stream in (False, True):
-            _huge_body(kind, stream)
+    for stream in (False, True):
+        _huge_body("a", stream)
+        _huge_body("words", stream)
+        _bomb(stream)
     port = listener.sockets[0].getsockname()[1]
     print(f"port {port}", flush=True)
     stop = asyncio.Event()

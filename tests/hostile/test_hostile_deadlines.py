@@ -1,13 +1,17 @@
 """Deadlines are absolute: no server stretches a turn past its deadline (+0.5 s).
 
 Servers that send one byte per second, only keep-alives, or a header block
-that never ends; hostile ``Retry-After`` values with and without a deadline;
-16 MB replies without usage on a 5 s deadline (local token counting included),
-and replies that never end (memory stays bounded).
+that never ends (alone, and 32 turns at once on one pipeline); the same
+without a deadline, against the route's idle timeout; hostile ``Retry-After``
+values with and without a deadline; 16 MB replies without usage on a 5 s
+deadline (local token counting and sentence-by-sentence checks included),
+300,000 tiny events; and replies that never end, a header line that never
+ends and a gzip bomb, where memory must stay bounded too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any
@@ -21,6 +25,7 @@ from hostile_harness import (
     TurnOutcome,
     add_row,
     answer_is,
+    async_turn,
     check_case,
     fail_message,
     judge_turn,
@@ -29,11 +34,21 @@ from hostile_harness import (
 )
 from hostile_server import ANSWER, RETRY_AFTER, huge_text
 
-from nimpipe import Turn
-from nimpipe.errors import DeadlineExceededError, RateLimitError
+from nimpipe import Output, Turn, hookimpl
+from nimpipe.errors import DeadlineExceededError, RateLimitError, UnavailableError
 
 DEADLINE = 2.0
 SLOW = ["trickle=1", "pings=0.5", "headers_slow=0.5"]
+#: Retry-After values under test: every hostile value on a 429, two on a 503.
+RETRY_VALUES = [*RETRY_AFTER, "503-inf", "503-date"]
+
+
+class PassOutput:
+    """Passes every output; its presence makes the pipeline hold streamed text back."""
+
+    @hookimpl
+    def post_output(self, output: Output) -> None:
+        return None
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -75,7 +90,7 @@ def test_a_slow_server_ends_by_the_route_timeout(
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("value", list(RETRY_AFTER))
+@pytest.mark.parametrize("value", RETRY_VALUES)
 def test_retry_after_within_a_deadline(
     make_hostile: Any, hostile: Any, value: str, mode: str
 ) -> None:
@@ -86,12 +101,73 @@ def test_retry_after_within_a_deadline(
         mode,
         pipeline,
         lambda: Turn.create("hello", timeout=DEADLINE),
-        Expect(answer_is(ANSWER), (RateLimitError, DeadlineExceededError)),
+        Expect(answer_is(ANSWER), (RateLimitError, UnavailableError, DeadlineExceededError)),
         deadline=DEADLINE,
         recorder=recorder,
         extra=lambda _: _at_most_requests(hostile, tag, 3),
     )
     assert row.ok, fail_message(row)
+
+
+#: Turns per mode in the concurrent case.
+CONCURRENT = 8
+
+
+def test_many_slow_turns_at_once_all_end_by_the_deadline(make_hostile: Any) -> None:
+    """32 turns on one shared pipeline at once against the one-byte-per-second server:
+    8 per mode, the sync ones in threads, the async ones as tasks of one event loop."""
+    pipeline, recorder, _ = make_hostile("trickle=1")
+    outcomes = {mode: [TurnOutcome(mode) for _ in range(CONCURRENT)] for mode in MODES}
+    threads = [
+        threading.Thread(
+            target=run_turn,
+            args=(pipeline, mode, lambda: Turn.create("hello", timeout=DEADLINE)),
+            kwargs={"outcome": outcome},
+            daemon=True,
+        )
+        for mode in ("run", "stream")
+        for outcome in outcomes[mode]
+    ]
+
+    async def one(mode: str, outcome: TurnOutcome) -> None:
+        started = time.monotonic()
+        try:
+            turn = Turn.create("hello", timeout=DEADLINE)
+            outcome.result = await async_turn(pipeline, mode, turn, None, outcome)
+        except Exception as exc:  # judged below, like every outcome
+            outcome.error = exc
+        outcome.elapsed = time.monotonic() - started
+
+    async def tasks() -> None:
+        await asyncio.gather(*(one(m, o) for m in ("arun", "astream") for o in outcomes[m]))
+
+    threads.append(threading.Thread(target=asyncio.run, args=(tasks(),), daemon=True))
+    for thread in threads:
+        thread.start()
+    started = time.monotonic()
+    for thread in threads:
+        thread.join(max(0.0, started + DEADLINE + SLACK + GRACE - time.monotonic()))
+    failures = []
+    for mode in MODES:
+        problems = []
+        for i, outcome in enumerate(outcomes[mode]):
+            if not outcome.finished:
+                outcome.stop()
+            problems += [f"turn {i}: {p}" for p in judge_turn(outcome, Expect(), DEADLINE + SLACK)]
+        times = [o.elapsed for o in outcomes[mode] if o.elapsed is not None]
+        kinds = sorted({o.describe() for o in outcomes[mode]})
+        row = add_row(
+            f"concurrent:{CONCURRENT}x trickle=1",
+            mode,
+            problems + record_problems(recorder.records),
+            outcome=", ".join(kinds),
+            elapsed=max(times) if len(times) == CONCURRENT else None,
+            deadline=DEADLINE,
+            bound=DEADLINE + SLACK,
+        )
+        if not row.ok:
+            failures.append(fail_message(row))
+    assert not failures, "\n".join(failures)
 
 
 #: Without a deadline, a hostile Retry-After must still end the turn within this.
@@ -101,7 +177,7 @@ NO_DEADLINE_BOUND = 60.0
 def test_retry_after_without_a_deadline_is_capped(make_hostile: Any, hostile: Any) -> None:
     """Every hostile Retry-After, each mode, no deadline: all run at once, each ends by 60 s."""
     cases: list[tuple[str, str, Any, Any, str, TurnOutcome]] = []
-    for value in RETRY_AFTER:
+    for value in RETRY_VALUES:
         for mode in MODES:
             pipeline, recorder, tag = make_hostile(f"retry_after={value}", max_retries=1)
             cases.append((value, mode, pipeline, recorder, tag, TurnOutcome(mode)))
@@ -122,7 +198,7 @@ def test_retry_after_without_a_deadline_is_capped(make_hostile: Any, hostile: An
     for value, mode, _, recorder, tag, outcome in cases:
         if not outcome.finished:
             outcome.stop()
-        expect = Expect(answer_is(ANSWER), (RateLimitError,))
+        expect = Expect(answer_is(ANSWER), (RateLimitError, UnavailableError))
         problems = judge_turn(outcome, expect, NO_DEADLINE_BOUND)
         problems += record_problems(recorder.records)
         if outcome.finished:
@@ -172,12 +248,56 @@ def test_a_huge_reply_without_usage_ends_by_the_deadline(
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_reply_without_end_keeps_memory_bounded(make_hostile: Any, mode: str) -> None:
-    """An SSE line or a JSON string that never ends (256 MB sent): a typed error, < 200 MB."""
-    deadline = 3.0
-    pipeline, recorder, _ = make_hostile("endless", max_retries=0)
+def test_a_huge_reply_under_sentence_checks_ends_by_the_deadline(
+    make_hostile: Any, mode: str
+) -> None:
+    """16 MB without a sentence end, checked sentence by sentence: never quadratic past 5 s."""
+    expected = huge_text("a")
+    pipeline, recorder, _ = make_hostile(
+        "huge=a", plugins=(PassOutput(),), stream_policy="sentence", max_retries=0
+    )
     row = check_case(
-        "endless",
+        "huge:huge=a:sentence",
+        mode,
+        pipeline,
+        lambda: Turn.create("hello", timeout=HUGE_DEADLINE),
+        Expect(answer_is(expected)),
+        deadline=HUGE_DEADLINE,
+        memory_mb=200,
+        recorder=recorder,
+    )
+    assert row.ok, fail_message(row)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_tiny_events_end_by_the_deadline(make_hostile: Any, mode: str) -> None:
+    """300,000 one-character events: the answer, or a typed error, by 2.5 s."""
+    deadline = DEADLINE
+    pipeline, recorder, _ = make_hostile("many_events=300000", max_retries=0)
+    row = check_case(
+        "many_events=300000",
+        mode,
+        pipeline,
+        lambda: Turn.create("hello", timeout=deadline),
+        Expect(answer_is("a" * 300_000)),
+        deadline=deadline,
+        memory_mb=200,
+        recorder=recorder,
+    )
+    assert row.ok, fail_message(row)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scenario", ["endless", "header_flood", "gzip_bomb"])
+def test_a_reply_without_end_keeps_memory_bounded(
+    make_hostile: Any, scenario: str, mode: str
+) -> None:
+    """Bytes without end (an SSE line, a JSON string, a header line; 64-256 MB sent), or a
+    gzip body of 1 MB that inflates to 256 MB: a typed error, under 200 MB."""
+    deadline = 3.0
+    pipeline, recorder, _ = make_hostile(scenario, max_retries=0)
+    row = check_case(
+        scenario,
         mode,
         pipeline,
         lambda: Turn.create("hello", timeout=deadline),

@@ -3,6 +3,11 @@
 - ``prompt_tokens = 10**20`` (or ``1e999``, or negative) in one reply: the
   good records that follow still commit, no turn waits past its deadline for
   the ledger, and closing the pipeline does not hang.
+- A record the database refuses (tokens beyond 64 bits, a cost of ``inf``)
+  is set aside: the writer does not retry it forever, later records commit.
+- A database that stays locked (another writer holds the lock) never holds a
+  turn past its deadline, however full the queue; once it is free, every
+  record commits.
 - A server that ignores the completion cap and reports 5,000 completion
   tokens, or reports negative usage, cannot push spend over a small limit.
 - A ``nan`` (or infinite, or negative) price or limit is refused when the
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -27,19 +33,22 @@ from hostile_harness import (
     TurnOutcome,
     add_row,
     answer_is,
+    any_stuck,
     check_case,
     fail_message,
     judge_turn,
     record_problems,
     run_turn,
+    tail,
     watch,
 )
 from hostile_server import ANSWER, new_tag
 
-from nimpipe import Price, Route, Turn, TurnResult
+from nimpipe import CallRecord, Price, Route, Turn, TurnResult
 from nimpipe.config import Config
 from nimpipe.errors import ConfigError
 from nimpipe.pipeline import Pipeline
+from nimpipe_contrib.ledger import Ledger
 
 DEADLINE = 3.0
 MODEL = "hostile-model"
@@ -133,12 +142,14 @@ def test_one_reply_never_poisons_the_ledger(
         steps["close_s"] = time.monotonic() - started
 
     limit = (GOOD_TURNS + 1) * (DEADLINE + SLACK) + 3.0 + CLOSE_TIMEOUT + 6.0
-    watched = watch(flow, limit, name=f"hostile-ledger-{mode}")
+    watched = watch(
+        flow, limit, name=f"hostile-ledger-{mode}", stuck=any_stuck(outcomes, DEADLINE + SLACK)
+    )
     problems = _judge_all(outcomes[:1], Expect(answer_is(ANSWER)))
     problems += _judge_all(outcomes[1:], Expect(answer_is(ANSWER)))
     problems += record_problems(recorder.records)
     if not watched.finished:
-        problems.append(f"the flow was still running after {limit:.0f} s: {sorted(steps)} done")
+        problems.append(f"the flow was given up on, still running: {sorted(steps)} done")
     elif watched.error is not None:
         problems.append(f"{type(watched.error).__name__}: {watched.error}")
     else:
@@ -156,6 +167,158 @@ def test_one_reply_never_poisons_the_ledger(
             problems.append(f"close() took {steps['close_s']:.1f} s")
     row = add_row(
         f"ledger:{scenario}",
+        mode,
+        problems,
+        outcome=f"{len(outcomes)} turns, {len(steps.get('rows', []))} rows",
+        elapsed=_slowest(outcomes),
+        deadline=DEADLINE,
+        bound=DEADLINE + SLACK,
+        watched=watched,
+    )
+    assert row.ok, fail_message(row)
+
+
+#: Records no database can store as they are (from any source: jaato, replayed traces).
+REFUSED: dict[str, dict[str, Any]] = {
+    "tokens_1e20": {"prompt_tokens": 10**20},
+    "tokens_negative_1e20": {"completion_tokens": -(10**20)},
+    "cost_inf": {"cost_usd": math.inf},
+    "cost_nan": {"cost_usd": math.nan},
+    "latency_inf": {"latency": math.inf},
+}
+
+
+def _record(i: int, **kw: Any) -> CallRecord:
+    values: dict[str, Any] = {
+        "time": time.time(),
+        "turn_id": f"t-hostile-{i}",
+        "agent_id": "main",
+        "agent_type": "main",
+        "route": "good",
+        "provider": "127.0.0.1:1",
+        "model": MODEL,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_usd": 0.0015,
+        "latency": 0.1,
+    }
+    values.update(kw)
+    return CallRecord(**values)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_a_record_the_database_refuses_is_set_aside(tmp_path: Path, case: str) -> None:
+    """The writer must not retry one refused record forever: the good ones after it commit."""
+    ledger = Ledger.open(tmp_path / "ledger.sqlite", flush_interval=0.01, close_timeout=1.0)
+    steps: dict[str, Any] = {}
+
+    def flow() -> None:
+        ledger.record(_record(0, **REFUSED[case]))
+        for i in range(1, 4):
+            ledger.record(_record(i))
+        steps["flushed"] = ledger.flush(timeout=3.0)
+        steps["rows"] = ledger.rows(flush=False)
+        started = time.monotonic()
+        ledger.close()
+        steps["close_s"] = time.monotonic() - started
+
+    watched = watch(flow, 15.0, name=f"hostile-ledger-{case}")
+    problems = []
+    if not watched.finished:
+        problems.append(f"still running after 15 s: {sorted(steps)} done")
+    elif watched.error is not None:
+        problems.append(f"{type(watched.error).__name__}: {watched.error} [{tail(watched.error)}]")
+    else:
+        if not steps["flushed"]:
+            problems.append("flush() gave up after 3 s: the writer is stuck on the refused record")
+        good = [r for r in steps["rows"] if r["turn_id"] != "t-hostile-0"]
+        if len(good) != 3:
+            problems.append(f"{len(good)} of the 3 good records committed")
+        if steps["close_s"] > 2.0:
+            problems.append(f"close() took {steps['close_s']:.1f} s")
+    if not watched.finished:
+        ledger.close(timeout=0.5)
+    row = add_row(
+        f"ledger_record:{case}",
+        "ledger",
+        problems,
+        outcome=f"{len(steps.get('rows', []))} rows",
+        elapsed=None,
+        deadline=None,
+        bound=None,
+        watched=watched,
+    )
+    assert row.ok, fail_message(row)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_locked_ledger_never_holds_a_turn_past_its_deadline(
+    hostile: Any, make_pipeline: Any, tmp_path: Path, mode: str
+) -> None:
+    """Another process holds the SQLite write lock; the queue is tiny: turns end in time,
+    and once the lock is gone every record commits."""
+    db = tmp_path / "ledger.sqlite"
+    good, _ = _route(hostile, "good", "ok")
+    pipeline = make_pipeline(
+        routes=[good],
+        stages={
+            "ledger": {
+                "path": str(db),
+                "flush_interval": 0.05,
+                "max_pending": 2,
+                "busy_timeout": 0.2,
+                "close_timeout": CLOSE_TIMEOUT,
+            }
+        },
+    )
+    ledger = pipeline.plugins.pm.get_plugin("ledger").ledger
+    outcomes: list[TurnOutcome] = []
+    steps: dict[str, Any] = {}
+    locked_turns = 4
+
+    def flow() -> None:
+        run_turn(pipeline, mode, lambda: Turn.create("before the lock", timeout=DEADLINE))
+        steps["schema"] = ledger.flush(timeout=3.0)
+        lock = sqlite3.connect(db, isolation_level=None, timeout=0)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            for i in range(locked_turns):
+                # Give the writer time to take the queue and get stuck on the lock, so
+                # that the queue fills whatever the pace of the turns.
+                time.sleep(0.15)
+                outcomes.append(TurnOutcome(mode))
+                run_turn(
+                    pipeline,
+                    mode,
+                    lambda: Turn.create(f"locked {i}", timeout=DEADLINE),  # noqa: B023
+                    outcome=outcomes[-1],
+                )
+        finally:
+            lock.rollback()
+            lock.close()
+        steps["flushed"] = ledger.flush(timeout=5.0)
+        steps["rows"] = ledger.rows(flush=False)
+        pipeline.close()
+
+    limit = (locked_turns + 1) * (DEADLINE + SLACK) + 3.0 + 5.0 + CLOSE_TIMEOUT + GRACE
+    watched = watch(
+        flow,
+        limit,
+        name=f"hostile-ledger-lock-{mode}",
+        stuck=any_stuck(outcomes, DEADLINE + SLACK),
+    )
+    problems = _judge_all(outcomes, Expect(answer_is(ANSWER)))
+    if not watched.finished:
+        problems.append(f"the flow was given up on, still running: {sorted(steps)} done")
+    elif watched.error is not None:
+        problems.append(f"{type(watched.error).__name__}: {watched.error}")
+    else:
+        if not steps["flushed"]:
+            problems.append("flush() gave up 5 s after the lock was released")
+        if len(steps["rows"]) != locked_turns + 1:
+            problems.append(f"{len(steps['rows'])} records committed of {locked_turns + 1}")
+    row = add_row(
+        "ledger:locked",
         mode,
         problems,
         outcome=f"{len(outcomes)} turns, {len(steps.get('rows', []))} rows",
@@ -222,10 +385,12 @@ def _budget_flow(
             )
 
     limit = len(turns) * (DEADLINE + SLACK) + GRACE
-    watched = watch(flow, limit, name=f"hostile-{case}-{mode}")
+    watched = watch(
+        flow, limit, name=f"hostile-{case}-{mode}", stuck=any_stuck(outcomes, DEADLINE + SLACK)
+    )
     problems = []
     if not watched.finished:
-        problems.append(f"the flow was still running after {limit:.0f} s")
+        problems.append("the flow was given up on, still running")
     problems += _judge_all(outcomes, expect_first)
     problems += record_problems(recorder.records)
     problems += _spend_problems(pipeline, recorder)

@@ -1,9 +1,11 @@
 """Every malformed reply ends in a typed nimpipe error or a correct answer.
 
 Never a bare ``TypeError``, ``OverflowError`` or ``RecursionError``, never a
-non-text chunk handed to the consumer, never impossible usage in a record,
-never a cut stream taken for a complete answer, and never more requests than
-the route's retries allow.
+non-text chunk (or text that is not valid Unicode) handed to the consumer,
+never impossible usage in a record, never a cut stream taken for a complete
+answer, and never more requests than the route's retries allow.  Legal but
+unusual SSE (multi-line data, CRLF, no space after ``data:``, extra fields)
+must be read as the answer it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hostile_harness import (
     all_of,
     answer_is,
     check_case,
+    clean_text,
     fail_message,
     sane_usage,
 )
@@ -110,6 +113,18 @@ CASES: dict[str, Expect] = {
     # connection closed without usage or [DONE]: the answer is complete, so it
     # is accepted (usage is then counted locally).  Plain: complete JSON.
     "finish_no_done": Expect(all_of(complete_answer, sane_usage)),
+    # The wire itself.
+    "drop": ERROR,
+    "garbage": ERROR,
+    "bad_utf8": Expect(clean_text),
+    "reply_surrogate": Expect(clean_text),
+    "finish_weird": Expect(answer_is(ANSWER)),
+    "delta_bad": Expect(answer_is(ANSWER)),
+    # Legal SSE that a parser must read: the answer, never an error.
+    **{
+        name: Expect(all_of(complete_answer, sane_usage), errors=())
+        for name in ("sse_multiline", "sse_crlf", "sse_no_space", "sse_fields")
+    },
 }
 
 
