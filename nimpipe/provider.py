@@ -50,7 +50,7 @@ from nimpipe.errors import (
     TimeoutError,
     UnavailableError,
 )
-from nimpipe.redaction import scrub
+from nimpipe.redaction import scrub, scrub_data
 from nimpipe.types import FinishReason, Response, Route, ToolCall, Turn, Usage
 
 __all__ = [
@@ -224,17 +224,20 @@ def parse_completion(data: Any, route: Route, latency: float, cap: int | None = 
             )
         )
     model = data.get("model")
+    reply_id = data.get("id")
+    extra = {k: v for k, v in data.items() if k not in _COMPLETION_FIELDS}
+    # A server may echo the key anywhere; what it says about itself is masked.
     return Response(
         text=_text(message.get("content"), "message content", route),
         tool_calls=tuple(calls),
         finish_reason=FinishReason.parse(_finish(choice.get("finish_reason"), route)),
         usage=usage_of(data.get("usage"), route, cap),
-        model=model if isinstance(model, str) and model else route.model,
+        model=_scrubbed(model, route) if isinstance(model, str) and model else route.model,
         route=route.name,
         latency=latency,
-        id=data.get("id") if isinstance(data.get("id"), str) else None,
+        id=_scrubbed(reply_id, route) if isinstance(reply_id, str) else None,
         logprobs=_logprobs_of(choice),
-        extra={k: v for k, v in data.items() if k not in _COMPLETION_FIELDS},
+        extra=scrub_data(extra, _known(route)) if extra else extra,
     )
 
 
@@ -286,9 +289,9 @@ class StreamAssembler:
             self.usage = usage_of(usage, route, self.cap)
         if not self.model:
             model = chunk.get("model")
-            self.model = model if isinstance(model, str) else ""
+            self.model = _scrubbed(model, route) if isinstance(model, str) else ""
             chunk_id = chunk.get("id")
-            self.id = chunk_id if isinstance(chunk_id, str) else None
+            self.id = _scrubbed(chunk_id, route) if isinstance(chunk_id, str) else None
         choices = chunk.get("choices")
         if not choices:
             return ""
@@ -366,8 +369,7 @@ class StreamAssembler:
             # Without a finish reason the answer is not known to be whole, even
             # after [DONE] (llama.cpp's server sends it when a stream is interrupted).
             raise UnavailableError(
-                f"stream cut after {len(self.text)} characters: it ended without "
-                "a finish reason",
+                f"stream cut after {len(self.text)} characters: it ended without a finish reason",
                 route=self.route,
             )
         calls: list[ToolCall] = []
@@ -440,24 +442,25 @@ def _retry_after(headers: Any) -> float | None:
     return max(0.0, seconds)
 
 
-def _error_message(body: bytes, fallback: str) -> str:
+def _error_message(body: bytes, fallback: str, route: Route) -> str:
+    """The message of an error reply, masked before it is cut short."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
-        text = body[:300].decode("utf-8", "replace").strip()
+        text = _scrubbed(body.decode("utf-8", "replace"), route)[:300].strip()
         return text or fallback
     if isinstance(data, Mapping):
         inner = data.get("error", data)
         if isinstance(inner, Mapping) and inner.get("message"):
-            return str(inner["message"])[:1000]
+            return _scrubbed(str(inner["message"]), route)[:1000]
         if isinstance(inner, str):
-            return inner[:1000]
+            return _scrubbed(inner, route)[:1000]
     return fallback
 
 
 def status_error(status: int, body: bytes, headers: Any, route: Route) -> ProviderError:
     """A typed error for an HTTP error reply."""
-    message = _error_message(body, f"HTTP {status}")
+    message = _error_message(body, f"HTTP {status}", route)
     kwargs: dict[str, Any] = {"route": route, "status_code": status}
     if status in (401, 403):
         hint = f"; set ${route.api_key_env}" if route.api_key_env else ""
@@ -505,8 +508,12 @@ def translate_error(exc: BaseException, route: Route) -> ProviderError:
     raise exc
 
 
+def _known(route: Route) -> list[str]:
+    return [route.api_key.reveal()] if route.api_key else []
+
+
 def _scrubbed(text: str, route: Route) -> str:
-    return scrub(text, [route.api_key.reveal()] if route.api_key else [])
+    return scrub(text, _known(route))
 
 
 def _headers(route: Route, stream: bool) -> dict[str, str]:

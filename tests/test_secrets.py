@@ -325,22 +325,8 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 #: Route behaviours whose leak is the provider's to fix, with where.
-PROVIDER_LEAKS = {
-    "extra": "the reply's id, model and extra fields reach Response unscrubbed "
-    "(nimpipe/provider.py: parse_completion and StreamAssembler)",
-}
-
-
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize(
-    "mode",
-    [
-        pytest.param(mode, marks=pytest.mark.xfail(strict=True, reason=PROVIDER_LEAKS[mode]))
-        if mode in PROVIDER_LEAKS
-        else mode
-        for mode in ROUTE_MODES
-    ],
-)
+@pytest.mark.parametrize("mode", ROUTE_MODES)
 def test_a_route_that_echoes_its_key_leaks_nothing(
     echo: EchoServer,
     keys: None,
