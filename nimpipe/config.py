@@ -108,8 +108,9 @@ _STREAM_POLICIES = ("buffer", "sentence")
 
 
 def _user_config_dir(env: Mapping[str, str]) -> Path:
-    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
-    return Path(base) / "nimpipe"
+    from nimpipe.paths import config_dir
+
+    return config_dir(env)
 
 
 def _is_devnull(path: Path) -> bool:

@@ -46,6 +46,7 @@ import attrs
 
 from nimpipe import _service
 from nimpipe.errors import NimpipeError
+from nimpipe.paths import nimpipe_home
 
 if TYPE_CHECKING:
     import subprocess
@@ -60,7 +61,6 @@ __all__ = [
     "embedded_home",
     "main",
     "missing_compilers",
-    "nimpipe_home",
 ]
 
 #: Version of ``llama-cpp-python`` installed into the dedicated virtualenv.
@@ -91,23 +91,6 @@ COMPILER_HINT = (
 
 #: Modules the ``server`` extra brings; all must be present for the install to count.
 _SERVER_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
-
-
-def nimpipe_home(environ: Mapping[str, str] | None = None) -> Path:
-    """Return nimpipe's cache home.
-
-    ``$NIMPIPE_HOME`` when set and non-empty; otherwise ``$XDG_CACHE_HOME/nimpipe``
-    when ``XDG_CACHE_HOME`` is an absolute path (the XDG spec says relative
-    values are to be ignored); otherwise ``~/.cache/nimpipe``.
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get("NIMPIPE_HOME")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = env.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "nimpipe"
-    return Path.home() / ".cache" / "nimpipe"
 
 
 def embedded_home(environ: Mapping[str, str] | None = None) -> Path:

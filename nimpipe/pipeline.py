@@ -42,6 +42,7 @@ from nimpipe.plugins import (
     unknown_stage_error,
 )
 from nimpipe.provider import OpenAIProvider
+from nimpipe.stage import NO_STREAM
 from nimpipe.types import (
     Accept,
     Attempt,
@@ -63,8 +64,6 @@ from nimpipe.types import (
 
 __all__ = ["AsyncTurnStream", "CancelToken", "Pipeline", "TurnStream"]
 
-#: Route flag: call this route without streaming (the caller may still stream).
-NO_STREAM = "no-stream"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 _STRENGTH = {Block: 4, Escalate: 3, Retry: 2, Accept: 1}

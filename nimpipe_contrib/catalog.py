@@ -184,7 +184,7 @@ class CatalogSettings:
         """Where the disk cache lives."""
         if self.cache_dir is not None:
             return self.cache_dir
-        from nimpipe.embedded import nimpipe_home
+        from nimpipe.paths import nimpipe_home
 
         return nimpipe_home() / "catalog"
 

@@ -60,8 +60,8 @@ import attrs
 
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError, NimpipeError
-from nimpipe.pipeline import NO_STREAM
 from nimpipe.redaction import register_secret, scrub, scrub_fields
+from nimpipe.stage import NO_STREAM
 from nimpipe.types import (
     Block,
     Deferred,

@@ -24,9 +24,9 @@ from nimpipe.embedded import (
     RunningServer,
     embedded_home,
     missing_compilers,
-    nimpipe_home,
 )
 from nimpipe.errors import NimpipeError
+from nimpipe.paths import nimpipe_home
 
 # -- home directory -------------------------------------------------------------
 

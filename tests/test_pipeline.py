@@ -736,7 +736,7 @@ def test_streamed_turn_blocked_by_deferred_check_does_not_wait_for_the_model(
 
 
 def test_no_stream_route_still_streams_to_the_caller(nim_server: Any, make_pipeline: Any) -> None:
-    from nimpipe.pipeline import NO_STREAM
+    from nimpipe.stage import NO_STREAM
 
     ledger = Ledger()
     pipeline = make_pipeline(routes=[route_for(nim_server, flags={NO_STREAM})], plugins=[ledger])

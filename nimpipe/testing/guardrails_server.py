@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, ClassVar
 import attrs
 
 from nimpipe import _service
-from nimpipe.embedded import nimpipe_home
 from nimpipe.errors import NimpipeError
+from nimpipe.paths import nimpipe_home
 
 if TYPE_CHECKING:
     import subprocess
