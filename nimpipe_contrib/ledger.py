@@ -9,7 +9,7 @@ transaction per batch.  The per-call cost on the turn's path is a queue put
 Where the records go:
 
 - by default an SQLite file, ``$NIMPIPE_HOME/ledger.sqlite`` (see
-  :func:`nimpipe.embedded.nimpipe_home`), in WAL mode, ``synchronous=FULL``,
+  :func:`nimpipe.paths.nimpipe_home`), in WAL mode, ``synchronous=FULL``,
   with a busy timeout, so that several processes can write one file at once;
 - with ``url = "postgresql://..."`` (or ``url_env`` naming a variable that
   holds it) a PostgreSQL database shared by a fleet of hosts; needs
@@ -19,9 +19,27 @@ Durability: while the database keeps up, a record is committed at most
 ``flush_interval`` seconds after its call ended (sooner when ``batch_size``
 records are waiting).  A process killed with ``kill -9`` loses only the
 records not yet committed, the calls of the last ``flush_interval`` seconds
-at most; every committed record survives and the database stays valid.  When
-the database is unreachable, records wait in memory (``max_pending`` at most)
-and are retried.  ``Pipeline.close`` and interpreter exit flush the queue.
+at most; every committed record survives and the database stays valid.
+``Pipeline.close`` and interpreter exit flush the queue.
+
+No record poisons the ledger and the ledger never holds up a turn (see
+:class:`Ledger` for the details):
+
+- figures are checked before they reach the database; a record with
+  impossible token counts or cost is *quarantined*: kept whole, as JSON with
+  secrets masked, in the table ``nimpipe_quarantine`` of the same database,
+  with the reason, out of the reports, and named in a warning and by
+  ``nimpipe cost``;
+- a batch the database refuses is split to find the refused records, which
+  are quarantined; the rest is committed;
+- an unavailable database is retried for ``retry_timeout`` seconds; then,
+  and whenever the queue holds ``max_pending`` records, records go to a
+  *spill file* (``ledger.sqlite-spill/`` beside an SQLite file,
+  ``$NIMPIPE_HOME/ledger-spill/`` for PostgreSQL), which is written to the
+  database as soon as it takes writes again, by this process or by the next
+  ledger on the host if this one is gone;
+- ``record_cost`` waits for room in a full queue at most ``queue_wait``
+  seconds, and at most half the time the turn has left before its deadline.
 
 Settings (``[stages.ledger]``):
 
@@ -32,12 +50,21 @@ Settings (``[stages.ledger]``):
     ``postgresql://user@host/db`` (no password in the file: use ``url_env``,
     ``PGPASSWORD`` or ``~/.pgpass``), or ``sqlite:///path``.
 ``flush_interval`` (0.5 s), ``batch_size`` (256), ``max_pending`` (100000)
-    batching; ``max_pending`` bounds the queue (a full queue makes
-    ``record_cost`` wait rather than drop spend).
+    batching; ``max_pending`` bounds the queue.
+``queue_wait`` (0.1 s)
+    how long ``record_cost`` waits for room in a full queue (at most half the
+    time the turn has left) before it puts the record in the spill file.
+``retry_timeout`` (30 s)
+    how long the writer retries a batch on an unavailable database before it
+    puts the batch in the spill file.
+``max_spill`` (100000)
+    records the spill file of one process holds at most; beyond, records are
+    lost, counted in :attr:`Ledger.lost` with an error on the log.
 ``synchronous`` (``full``), ``busy_timeout`` (10 s)
     SQLite durability and lock waiting.
 ``close_timeout`` (10 s)
-    how long ``close`` keeps retrying a failing database before giving up.
+    how long ``close`` keeps retrying a failing database before it leaves
+    the records in the spill file.
 ``opentelemetry`` (false)
     also emit ``gen_ai.*`` metrics and one span per call when OpenTelemetry
     is installed.
@@ -55,9 +82,13 @@ import atexit
 import contextlib
 import csv
 import datetime as _dt
+import functools
+import hashlib
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -76,12 +107,16 @@ import attrs
 from nimpipe._markers import hookimpl, hookspec
 from nimpipe.errors import ConfigError, NimpipeError
 from nimpipe.redaction import scrub
-from nimpipe.types import CallRecord
+from nimpipe.types import CallRecord, Turn
 from nimpipe_contrib import pricing
 from nimpipe_contrib._ledger_store import (
     COLUMNS,
+    INT32_MAX,
+    QUARANTINE,
+    QUARANTINE_COLUMNS,
     TABLE,
     PostgresStore,
+    Spill,
     SQLiteStore,
     Store,
     mask_url,
@@ -101,6 +136,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GROUPINGS",
+    "MAX_CALL_USD",
+    "MAX_TOKENS",
+    "QUARANTINE_FILE",
     "Ledger",
     "LedgerStage",
     "ReportRow",
@@ -127,6 +165,9 @@ _KNOWN = (
     "synchronous",
     "busy_timeout",
     "close_timeout",
+    "queue_wait",
+    "retry_timeout",
+    "max_spill",
     "opentelemetry",
     "prices",
 )
@@ -141,14 +182,25 @@ _NANO = 1_000_000_000
 
 def default_path() -> Path:
     """``$NIMPIPE_HOME/ledger.sqlite``: the embedded ledger."""
-    from nimpipe.embedded import nimpipe_home
+    from nimpipe.paths import nimpipe_home
 
     return nimpipe_home() / "ledger.sqlite"
 
 
-def _scrub(text: str | None) -> str | None:
-    """Key-shaped strings masked: error messages may echo a key."""
-    return scrub(text) if text else text
+#: The quarantine of last resort, in the spill directory, for records the database
+#: refuses even in its quarantine table.
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+def _spill_dir_of(store: Store) -> Path:
+    """Beside an SQLite file (``ledger.sqlite-spill``); per database under ``$NIMPIPE_HOME``."""
+    path = getattr(store, "path", None)
+    if isinstance(path, Path):
+        return path.with_name(path.name + "-spill")
+    from nimpipe.paths import nimpipe_home
+
+    digest = hashlib.sha256(store.where.encode("utf-8")).hexdigest()[:16]
+    return nimpipe_home() / "ledger-spill" / f"{store.kind}-{digest}"
 
 
 # --------------------------------------------------------------------------
@@ -326,10 +378,199 @@ def _telemetry(settings: StageSettings) -> _Telemetry | None:
 
 
 # --------------------------------------------------------------------------
+# Checking a record before it reaches the database
+# --------------------------------------------------------------------------
+
+#: A token count above this is impossible (no model has such a context).
+MAX_TOKENS = 10**9
+#: A cost above this for one call is impossible (10**9 tokens at the dearest list prices).
+MAX_CALL_USD = 1e6
+#: Durations (latency, time to first token) are clamped to this many seconds.
+_MAX_SECONDS = 1e7
+#: Characters kept of a name (ids, route, model, verdict fields) and of a text (reason, error).
+_NAME_CHARS = 512
+_TEXT_CHARS = 4096
+#: Verdicts kept per record.
+_MAX_VERDICTS = 256
+_RECORD_FIELDS = tuple(field.name for field in attrs.fields(CallRecord))
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: Any) -> str:
+    # repr() of a 10**5000 int raises; of a hostile object it may be anything.
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return _clean(text, 80)
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception's message for the log and the quarantine (it may echo a key)."""
+    try:
+        return _clean(str(exc), 1000)
+    except Exception:
+        return type(exc).__name__
+
+
+def _clean(value: Any, limit: int) -> str:
+    """``value`` as text any database stores: no NUL, no lone surrogate, secrets masked, capped."""
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    else:
+        try:
+            text = str(value)
+        except Exception:
+            text = f"<{type(value).__name__}>"
+    if not text:
+        return text
+    # Masked before the final cut, so that a cut never keeps half a key.
+    text = text[: limit * 4]
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    text = scrub(text.replace("\x00", "")) if text else text
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_name(text: str) -> str:
+    return _clean(text, _NAME_CHARS)
+
+
+def _name(value: Any) -> str:
+    # Routes, models, agents and sources repeat from record to record: clean each once.
+    if type(value) is str and len(value) <= 256:
+        return _cached_name(value)
+    return _clean(value, _NAME_CHARS)
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_day(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+
+
+def _tokens(value: Any, name: str, problems: list[str]) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    problems.append(f"{name} = {_shown(value)} (possible: a whole number from 0 to {MAX_TOKENS})")
+    return 0
+
+
+def _nano_usd(value: Any, problems: list[str]) -> int:
+    number = _finite(value)
+    if number is None or not 0 <= number <= MAX_CALL_USD:
+        problems.append(f"cost_usd = {_shown(value)} (possible: 0 to {MAX_CALL_USD:g} USD)")
+        return 0
+    return round(number * _NANO)
+
+
+def _unix_time(value: Any) -> float:
+    number = _finite(value)
+    # Between 1970 and the year 5138; anything else is the time of recording.
+    return number if number is not None and 0 <= number < 1e11 else time.time()
+
+
+def _micros(value: Any) -> int | None:
+    number = _finite(value)
+    return None if number is None else round(min(max(number, 0.0), _MAX_SECONDS) * 1e6)
+
+
+def _small(value: Any, default: int) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return min(max(value, 0), INT32_MAX)
+    return default
+
+
+def _verdicts(value: Any) -> str:
+    if not value or not isinstance(value, (list, tuple)):
+        return "[]"
+    keys = ("rule", "decision", "plugin", "backend")
+    return json.dumps([{k: _name(getattr(v, k, "")) for k in keys} for v in value[:_MAX_VERDICTS]])
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON that keeps what was impossible about it, secrets masked."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if value.bit_length() <= 128 else _shown(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return _clean(value, _TEXT_CHARS)
+    if depth < 2 and isinstance(value, (list, tuple)):
+        return [_jsonable(v, depth + 1) for v in value[:_MAX_VERDICTS]]
+    if depth < 2 and attrs.has(type(value)):
+        return {
+            f.name: _jsonable(getattr(value, f.name, None), depth + 1)
+            for f in attrs.fields(type(value))
+        }
+    return _clean(value, _TEXT_CHARS)
+
+
+def _record_json(record: Any, routing_reason: Any) -> str:
+    data = {name: _jsonable(getattr(record, name, None)) for name in _RECORD_FIELDS}
+    data["routing_reason"] = _jsonable(routing_reason)
+    if not isinstance(record, CallRecord):
+        data["type"] = _clean(type(record).__name__, _NAME_CHARS)
+    return json.dumps(data, allow_nan=False)
+
+
+# --------------------------------------------------------------------------
 # The ledger
 # --------------------------------------------------------------------------
 
 _STOP = object()
+#: ``_insert`` gave up on a database that stays unavailable.
+_GAVE_UP = object()
+#: Tokens of the ledgers open in this process (their spill files are not orphans).
+_live_tokens: set[str] = set()
+_ROW_WIDTH = len(COLUMNS)
+_QUARANTINE_WIDTH = len(QUARANTINE_COLUMNS)
+
+
+@attrs.frozen
+class _Entry:
+    """A record on its way to the database: a row of ``nimpipe_calls`` or of the quarantine."""
+
+    record_id: str
+    row: tuple[Any, ...] | None = None
+    quarantine: tuple[Any, ...] | None = None
+    #: The record itself, for OpenTelemetry (``None`` once it went through the spill file).
+    record: Any = None
+
+    def line(self) -> str:
+        if self.row is not None:
+            return json.dumps({"row": list(self.row)}, allow_nan=False)
+        return json.dumps({"quarantine": list(self.quarantine or ())}, allow_nan=False)
+
+    @classmethod
+    def from_line(cls, data: Any) -> _Entry | None:
+        if not isinstance(data, dict):
+            return None
+        row, held = data.get("row"), data.get("quarantine")
+        if isinstance(row, list) and len(row) == _ROW_WIDTH and isinstance(row[0], str):
+            return cls(row[0], row=tuple(row))
+        if isinstance(held, list) and len(held) == _QUARANTINE_WIDTH and isinstance(held[1], str):
+            return cls(held[1], quarantine=tuple(held))
+        return None
 
 
 class Ledger:
@@ -340,6 +581,30 @@ class Ledger:
     used only for reports never starts it.  ``on_commit`` is called from the
     writer thread with the ``record_id`` of every record of each committed
     batch.
+
+    No record blocks the ledger, and the ledger never blocks a turn:
+
+    - every figure is checked before it reaches the database: a record whose
+      token counts or cost are impossible (negative, not finite, not whole,
+      above :data:`MAX_TOKENS` tokens or :data:`MAX_CALL_USD`) is
+      *quarantined*, kept whole in ``nimpipe_quarantine`` and out of the
+      reports; other figures are clamped into their columns (durations to
+      0..10**7 s, a time that is no Unix time becomes the time of recording)
+      and texts lose NUL characters and lone surrogates and are capped;
+    - a batch the database refuses is split until the refused records are
+      found; they are quarantined and the rest is committed;
+    - a database that is unavailable (locked, unreachable, full) is retried
+      with backoff for ``retry_timeout`` seconds, then the batch is kept in
+      the :class:`~nimpipe_contrib._ledger_store.Spill` file next to the
+      database and written once the database takes writes again (by this
+      process, or by the next ledger on this host if the process is gone);
+    - when ``max_pending`` records are queued, :meth:`record` waits at most
+      ``queue_wait`` seconds and at most half the time the turn has left
+      before its ``deadline``, then keeps the record in the spill file (a
+      writer that took nothing since the last wait ran out is not waited for
+      again); when that file holds ``max_spill``
+      records, further records are counted in :attr:`lost` with an error on
+      the ``nimpipe.ledger`` logger.
     """
 
     def __init__(
@@ -350,30 +615,52 @@ class Ledger:
         batch_size: int = 256,
         max_pending: int = 100_000,
         close_timeout: float = 10.0,
+        queue_wait: float = 0.1,
+        retry_timeout: float = 30.0,
+        max_spill: int = 100_000,
+        spill_dir: str | os.PathLike[str] | None = None,
         on_commit: Callable[[Sequence[str]], None] | None = None,
         telemetry: _Telemetry | None = None,
     ) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.batch_size = max(1, batch_size)
-        self.max_pending = max_pending
+        self.max_pending = max(1, max_pending)
         self.close_timeout = close_timeout
+        self.queue_wait = max(0.0, queue_wait)
+        self.retry_timeout = max(0.0, retry_timeout)
+        self.max_spill = max(0, max_spill)
+        #: Where the spill files (and the quarantine file of last resort) go.
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else _spill_dir_of(store)
         self.on_commit = on_commit
         self._telemetry = telemetry
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._closed = False
-        self._stopping = False
         self._close_deadline = 0.0
         self._origin = ""
         self._host = ""
-        self._next_id = 0
-        #: Records committed, and records given up on (database unreachable at close).
+        self._ids = itertools.count(1)
+        self._spill: Spill | None = None
+        #: Items the writer has taken off the queue, and that count when a wait ran out.
+        self._taken = 0
+        self._stalled_at = -1
+        #: Whether the database gave up on a batch and has not taken one since.
+        self._down = False
+        self._probe_at = 0.0
+        self._probe_delay = 1.0
+        self._said: dict[str, float] = {}
+        #: Records committed, and records lost (neither committed, quarantined nor spilled).
         self.committed = 0
         self.lost = 0
-        #: Failed commit attempts (each retried).
+        #: Failed commit attempts (each retried or spilled).
         self.write_failures = 0
+        #: Records quarantined (impossible figures, or refused by the database).
+        self.quarantined = 0
+        #: Records written to the spill file (a record re-spilled counts again).
+        self.spilled = 0
 
     # -- construction -----------------------------------------------------
 
@@ -400,7 +687,11 @@ class Ledger:
 
     @classmethod
     def from_settings(cls, settings: StageSettings, **options: Any) -> Ledger:
-        """A ledger from a ``[stages.ledger]`` table (see the module docstring)."""
+        """A ledger from a ``[stages.ledger]`` table (see the module docstring).
+
+        Opens nothing: no file, directory or connection is made before the
+        first record.
+        """
         settings.only(_KNOWN)
         target = _target(settings)
         if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
@@ -411,6 +702,9 @@ class Ledger:
             batch_size=settings.integer("batch_size", 256, minimum=1),
             max_pending=settings.integer("max_pending", 100_000, minimum=1),
             close_timeout=settings.number("close_timeout", 10.0, minimum=0.0),
+            queue_wait=settings.number("queue_wait", 0.1, minimum=0.0),
+            retry_timeout=settings.number("retry_timeout", 30.0, minimum=0.0),
+            max_spill=settings.integer("max_spill", 100_000, minimum=0),
             synchronous=settings.choice("synchronous", ("full", "normal"), "full"),
             busy_timeout=settings.number("busy_timeout", 10.0, minimum=0.0),
             telemetry=_telemetry(settings),
@@ -434,50 +728,82 @@ class Ledger:
             if self._closed:
                 raise NimpipeError(f"the ledger at {self.where} is closed")
             self._host = socket.gethostname()
-            self._origin = f"{self._host}:{os.getpid()}:{secrets.token_hex(4)}"
+            token = secrets.token_hex(4)
+            self._origin = f"{self._host}:{os.getpid()}:{token}"
+            self._spill = Spill(self.spill_dir, self._host, token, self.max_spill)
+            _live_tokens.add(token)
             thread = threading.Thread(target=self._run, name="nimpipe-ledger", daemon=True)
             thread.start()
             self._thread = thread
             _open_ledgers.add(self)
 
-    def record(self, record: CallRecord, routing_reason: str = "") -> None:
-        """Queue ``record`` for the writer; returns at once (waits only on a full queue)."""
+    def record(
+        self, record: CallRecord, routing_reason: str = "", *, deadline: float | None = None
+    ) -> None:
+        """Queue ``record`` for the writer; returns at once unless the queue is full.
+
+        On a full queue it waits at most ``queue_wait`` seconds, and at most
+        half the time left before ``deadline`` (a :func:`time.monotonic`
+        value, the turn's, which must still return its answer), then keeps
+        the record in the spill file.
+        """
         if self._thread is None:
             self.start()
         elif self._closed:
             raise NimpipeError(f"the ledger at {self.where} is closed")
-        if self._queue.qsize() >= self.max_pending:
-            self._wait_for_room()
-        self._queue.put((record, routing_reason))
+        item = (record, routing_reason, f"{self._origin}:{next(self._ids)}")
+        if self._queue.qsize() >= self.max_pending and not self._wait_for_room(deadline):
+            self._keep([self._prepare(*item)], "the writer's queue is full")
+            return
+        self._queue.put(item)
 
-    def _wait_for_room(self) -> None:
-        logger.warning(
-            "ledger %s: %d records waiting to be written; slowing callers down",
+    def _wait_for_room(self, deadline: float | None) -> bool:
+        taken = self._taken
+        if taken == self._stalled_at:
+            return False  # the writer has taken nothing since the last wait ran out
+        now = time.monotonic()
+        end = now + self.queue_wait
+        if deadline is not None:
+            # Half the time left at most: the turn still has its answer to return.
+            end = min(end, now + max(0.0, deadline - now) / 2)
+        self._say(
+            "full",
+            "ledger %s: %d records waiting to be written; the writer is behind",
             self.where,
             self._queue.qsize(),
         )
         while self._queue.qsize() >= self.max_pending and not self._closed:
-            time.sleep(0.01)
+            if time.monotonic() >= end:
+                if self._taken == taken:
+                    self._stalled_at = taken
+                return False
+            time.sleep(0.002)
+        return not self._closed
 
     @property
     def pending(self) -> int:
-        """Records queued and not yet committed (approximate)."""
-        return self._queue.qsize()
+        """Records queued or in this process's spill file, not yet committed (approximate)."""
+        return self._queue.qsize() + (self._spill.pending if self._spill is not None else 0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every record queued so far is committed; ``False`` on timeout."""
+        """Wait until every record queued so far is committed (or quarantined).
+
+        ``False`` on timeout, or when records still wait in the spill file
+        because the database does not take them.
+        """
         if self._thread is None or not self._thread.is_alive():
-            return self._queue.empty()
+            return self._queue.empty() and not self._spill_waiting()
         done = threading.Event()
         self._queue.put(done)
-        return done.wait(timeout)
+        return done.wait(timeout) and not self._spill_waiting()
 
     def close(self, timeout: float | None = None) -> None:
         """Commit what is queued and stop the writer (idempotent).
 
         Keeps retrying a failing database for ``timeout`` seconds (default
-        ``close_timeout``); records still unwritten then are counted in
-        :attr:`lost` and reported on the ``nimpipe.ledger`` logger.
+        ``close_timeout``); records still unwritten then stay in the spill
+        file for the next ledger on this host, with a warning on the
+        ``nimpipe.ledger`` logger.
         """
         wait = self.close_timeout if timeout is None else timeout
         with self._start_lock:
@@ -491,24 +817,33 @@ class Ledger:
             thread.join(wait + 5.0)
             if thread.is_alive():
                 logger.error("ledger %s: the writer did not stop within %.0f s", self.where, wait)
+        if self._spill is not None:
+            _live_tokens.discard(self._spill.token)
         _open_ledgers.discard(self)
 
     # -- the writer thread -----------------------------------------------------
 
     def _run(self) -> None:
-        batch: list[tuple[CallRecord, str]] = []
+        batch: list[tuple[Any, Any, str]] = []
         waiters: list[threading.Event] = []
         deadline = 0.0
         stop = False
         get = self._queue.get
+        self._drain()  # what a process that is gone left in its spill file
         while not stop:
+            if batch:
+                timeout: float | None = max(0.0, deadline - time.monotonic())
+            elif self._spill_waiting():
+                timeout = max(0.05, self._probe_at - time.monotonic()) if self._down else 0.05
+            else:
+                timeout = None
             try:
-                timeout = max(0.0, deadline - time.monotonic()) if batch else None
                 item = get(timeout=timeout)
             except queue.Empty:
                 item = None
             due = item is None
             while item is not None:
+                self._taken += 1
                 if item is _STOP:
                     stop = due = True
                     break
@@ -528,104 +863,304 @@ class Ledger:
                     item = None
             if due:
                 if batch:
-                    self._commit(batch)
+                    self._commit([self._prepare(*item) for item in batch])
                     batch = []
+                if self._spill_waiting() and self._may_drain():
+                    self._drain()
                 for waiter in waiters:
                     waiter.set()
                 waiters = []
+        if self._spill is not None:
+            if self._spill.pending:
+                logger.warning(
+                    "ledger %s: %d records wait in %s; the next ledger on this host writes them",
+                    self.where,
+                    self._spill.pending,
+                    self._spill.path,
+                )
+            self._spill.close()
         self.store.close_writer()
 
-    def _row(self, record: CallRecord, routing_reason: str) -> tuple[Any, ...]:
-        self._next_id += 1
-        verdicts = json.dumps(
-            [
-                {"rule": v.rule, "decision": v.decision, "plugin": v.plugin, "backend": v.backend}
-                for v in record.verdicts
-            ]
-        )
+    def _prepare(self, record: Any, routing_reason: Any, record_id: str) -> _Entry:
+        """The row of ``record``, or its quarantine row when its figures are impossible."""
+        problems: list[str] = []
+        try:
+            row = self._row(record, routing_reason, record_id, problems)
+        except Exception as exc:  # a stage's own record type, missing fields
+            problems.append(f"unreadable record: {type(exc).__name__}: {_error_text(exc)}")
+        if problems:
+            error = "impossible figures: " + "; ".join(problems)
+            try:
+                data = _record_json(record, routing_reason)
+            except Exception as exc:
+                data = json.dumps({"unreadable": _error_text(exc)})
+            return _Entry(record_id, quarantine=self._quarantine_row(record_id, data, error))
+        return _Entry(record_id, row=row, record=record)
+
+    def _row(
+        self, record: Any, routing_reason: Any, record_id: str, problems: list[str]
+    ) -> tuple[Any, ...]:
+        when = _unix_time(record.time)
+        prompt = _tokens(record.prompt_tokens, "prompt_tokens", problems)
+        completion = _tokens(record.completion_tokens, "completion_tokens", problems)
+        nusd = _nano_usd(record.cost_usd, problems)
+        error = record.error
         return (
-            f"{self._origin}:{self._next_id}",
-            record.time,
-            time.strftime("%Y-%m-%d", time.gmtime(record.time)),
-            record.turn_id,
-            record.agent_id,
-            record.agent_type,
-            record.route,
-            record.provider,
-            record.model,
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.usage_source,
-            round(record.cost_usd * _NANO),
-            record.price_source,
-            round(record.latency * 1e6),
-            round(record.ttft * 1e6) if record.ttft is not None else None,
-            record.outcome,
-            _scrub(record.error),
-            record.attempt,
-            _scrub(record.reason) or "",
-            _scrub(routing_reason) or "",
-            int(record.stream),
-            verdicts,
+            record_id,
+            when,
+            _utc_day(int(when // 86400)),
+            _clean(record.turn_id, _NAME_CHARS),
+            _name(record.agent_id),
+            _name(record.agent_type),
+            _name(record.route),
+            _name(record.provider),
+            _name(record.model),
+            prompt,
+            completion,
+            _name(record.usage_source),
+            nusd,
+            _name(record.price_source),
+            _micros(record.latency) or 0,
+            _micros(record.ttft) if record.ttft is not None else None,
+            _name(record.outcome),
+            _clean(error, _TEXT_CHARS) if error is not None else None,
+            _small(record.attempt, 1),
+            _clean(record.reason, _TEXT_CHARS),
+            _clean(routing_reason, _TEXT_CHARS),
+            int(bool(record.stream)),
+            _verdicts(record.verdicts),
             self._host,
             os.getpid(),
         )
 
-    def _commit(self, batch: list[tuple[CallRecord, str]]) -> None:
-        rows = []
-        for record, reason in batch:
-            try:
-                rows.append(self._row(record, reason))
-            except Exception:
-                # One malformed record (a stage's own CallRecord) must not stop the writer.
-                self.lost += 1
-                logger.exception("ledger %s: cannot store record %r", self.where, record)
-        if not rows:
+    def _quarantine_row(self, record_id: str, data: str, error: str) -> tuple[Any, ...]:
+        return (time.time(), record_id, data, _clean(error, _TEXT_CHARS), self._host, os.getpid())
+
+    def _commit(self, entries: Sequence[_Entry]) -> None:
+        held = [e for e in entries if e.quarantine is not None]
+        if held:
+            self._hold(held)
+        rows = [e for e in entries if e.row is not None]
+        if rows:
+            self._write(rows)
+
+    def _write(self, entries: Sequence[_Entry]) -> None:
+        """Commit ``entries``; split a batch the database refuses to find the refused ones."""
+        result = self._insert(TABLE, [e.row for e in entries if e.row is not None])
+        if result is None:
+            self._committed(entries)
+        elif result is _GAVE_UP:
+            self._keep(entries, "the database is unavailable")
+        elif len(entries) > 1:
+            middle = len(entries) // 2
+            self._write(entries[:middle])
+            self._write(entries[middle:])
+        else:
+            (entry,) = entries
+            assert entry.row is not None
+            names = [name for name, _ in COLUMNS]
+            data = json.dumps(dict(zip(names, entry.row, strict=True)))
+            error = f"refused by the database: {type(result).__name__}: {_error_text(result)}"
+            row = self._quarantine_row(entry.record_id, data, error)
+            self._hold([_Entry(entry.record_id, quarantine=row)])
+
+    def _hold(self, entries: Sequence[_Entry]) -> None:
+        """Quarantine ``entries``: the quarantine table, else the quarantine file."""
+        rows = [e.quarantine for e in entries if e.quarantine is not None]
+        result = self._insert(QUARANTINE, rows)
+        if result is _GAVE_UP:
+            self._keep(entries, "the database is unavailable")
             return
+        if result is not None:
+            try:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                names = [name for name, _ in QUARANTINE_COLUMNS]
+                with (self.spill_dir / QUARANTINE_FILE).open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(dict(zip(names, r, strict=True))) + "\n" for r in rows)
+            except OSError as exc:
+                with self._count_lock:
+                    self.lost += len(rows)
+                logger.error(
+                    "ledger %s: %d refused records lost: the database refuses the quarantine "
+                    "(%s) and %s cannot be written (%s)",
+                    self.where,
+                    len(rows),
+                    _error_text(result),
+                    self.spill_dir / QUARANTINE_FILE,
+                    exc,
+                )
+                return
+        with self._count_lock:
+            self.quarantined += len(rows)
+        where = QUARANTINE if result is None else str(self.spill_dir / QUARANTINE_FILE)
+        for row in rows:
+            self._say(
+                "quarantine",
+                "ledger %s: record %s quarantined in %s, not counted in reports: %s",
+                self.where,
+                row[1],
+                where,
+                row[3],
+            )
+
+    def _insert(self, table: str, rows: list[Any]) -> Any:
+        """``None`` once committed, the error if the database refuses the rows, or ``_GAVE_UP``."""
         delay = 0.05
+        give_up = time.monotonic() + (0.0 if self._down else self.retry_timeout)
         while True:
             try:
                 self.store.open_writer()
-                self.store.insert(rows)
-                break
+                self.store.insert(rows, table)
             except Exception as exc:
+                if self.store.refused(exc):
+                    return exc
                 self.write_failures += 1
-                if self._closed and time.monotonic() >= self._close_deadline:
-                    self.lost += len(rows)
-                    logger.error(
-                        "ledger %s: %d records not written at close: %s: %s",
-                        self.where,
-                        len(rows),
-                        type(exc).__name__,
-                        exc,
-                    )
-                    return
+                now = time.monotonic()
+                limit = min(give_up, self._close_deadline) if self._closed else give_up
+                if isinstance(exc, (OSError, RuntimeError)) or self.store.kind != "sqlite":
+                    self.store.close_writer()
+                if now >= limit:
+                    if not self._down:
+                        logger.warning(
+                            "ledger %s: cannot write (%s: %s); records wait in %s until the "
+                            "database takes them",
+                            self.where,
+                            type(exc).__name__,
+                            _error_text(exc),
+                            self.spill_dir,
+                        )
+                    self._down = True
+                    self._probe_at = now + self._probe_delay
+                    self._probe_delay = min(self._probe_delay * 2, 30.0)
+                    return _GAVE_UP
                 if self.write_failures in (1, 10) or self.write_failures % 100 == 0:
                     logger.warning(
                         "ledger %s: cannot write %d records (will retry): %s: %s",
                         self.where,
                         len(rows),
                         type(exc).__name__,
-                        exc,
+                        _error_text(exc),
                     )
-                if isinstance(exc, (OSError, RuntimeError)) or self.store.kind != "sqlite":
-                    self.store.close_writer()
-                time.sleep(delay)
+                time.sleep(min(delay, max(0.0, limit - now)))
                 delay = min(delay * 2, 2.0)
-        self.committed += len(rows)
+            else:
+                if self._down:
+                    logger.warning("ledger %s: the database takes writes again", self.where)
+                self._down = False
+                self._probe_delay = 1.0
+                return None
+
+    def _committed(self, entries: Sequence[_Entry]) -> None:
+        with self._count_lock:
+            self.committed += len(entries)
         if self.on_commit is not None:
             try:
-                self.on_commit([row[0] for row in rows])
+                self.on_commit([e.record_id for e in entries])
             except Exception:
                 logger.exception("ledger %s: on_commit callback failed", self.where)
         if self._telemetry is not None:
-            for record, _ in batch:
+            for entry in entries:
+                if entry.record is None:
+                    continue
                 try:
-                    self._telemetry.emit(record)
+                    self._telemetry.emit(entry.record)
                 except Exception:
                     logger.exception("ledger %s: OpenTelemetry export failed", self.where)
                     self._telemetry = None
                     break
+
+    # -- the spill file ----------------------------------------------------------
+
+    def _spill_waiting(self) -> bool:
+        return self._spill is not None and self._spill.pending > 0
+
+    def _keep(self, entries: Sequence[_Entry], why: str) -> None:
+        """Put ``entries`` in the spill file; count what does not fit as lost."""
+        if not entries:
+            return
+        written, problem = 0, f"the spill file is full (max_spill = {self.max_spill})"
+        if self._spill is not None:
+            try:
+                written = self._spill.append([e.line() for e in entries])
+            except OSError as exc:
+                problem = f"the spill file cannot be written: {exc}"
+        with self._count_lock:
+            self.spilled += written
+            self.lost += len(entries) - written
+        if written:
+            self._say(
+                "spill",
+                "ledger %s: %d records kept in %s (%s); they are written when the database "
+                "takes them",
+                self.where,
+                written,
+                self._spill.path if self._spill is not None else self.spill_dir,
+                why,
+            )
+        if written < len(entries):
+            logger.error(
+                "ledger %s: %d records lost (%s): %s",
+                self.where,
+                len(entries) - written,
+                why,
+                problem,
+            )
+
+    def _may_drain(self) -> bool:
+        if not self._down:
+            return True
+        if time.monotonic() < self._probe_at:
+            return False
+        return self._insert(TABLE, []) is None  # one try: does the database take writes?
+
+    def _drain(self) -> None:
+        """Write what waits in this process's spill file and in orphaned ones."""
+        if self._spill is None:
+            return
+        try:
+            paths = self._spill.claim(_live_tokens)
+        except OSError as exc:
+            logger.error("ledger %s: cannot read the spill files: %s", self.where, exc)
+            return
+        for path in paths:
+            chunk: list[_Entry] = []
+            unreadable = 0
+            try:
+                for data in Spill.read(path):
+                    entry = _Entry.from_line(data)
+                    if entry is None:
+                        unreadable += 1
+                        continue
+                    chunk.append(entry)
+                    if len(chunk) >= self.batch_size:
+                        self._drain_chunk(chunk)
+                        chunk = []
+                self._drain_chunk(chunk)
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                logger.error("ledger %s: cannot read %s: %s", self.where, path, exc)
+            if unreadable:
+                with self._count_lock:
+                    self.lost += unreadable
+                logger.error(
+                    "ledger %s: %d unreadable lines in %s (cut by a crash) are lost",
+                    self.where,
+                    unreadable,
+                    path,
+                )
+
+    def _drain_chunk(self, chunk: list[_Entry]) -> None:
+        if self._down:  # back to the spill file without waiting on the database again
+            self._keep(chunk, "the database is unavailable")
+        else:
+            self._commit(chunk)
+
+    def _say(self, kind: str, message: str, *args: Any) -> None:
+        # One warning of a kind per 10 s: a flood of records must not flood the log.
+        now = time.monotonic()
+        if now - self._said.get(kind, -math.inf) >= 10.0:
+            self._said[kind] = now
+            logger.warning(message, *args)
 
     # -- reading ----------------------------------------------------------------
 
@@ -683,6 +1218,40 @@ class Ledger:
             params,
         )
         return [dict(zip(names, row, strict=True)) for row in raw]
+
+    def quarantine(self, *, flush: bool = True) -> list[dict[str, Any]]:
+        """The quarantined records (oldest first): ``ts``, ``record_id``, ``record``, ``error``.
+
+        ``record`` is the record as it was given (parsed JSON, secrets
+        masked), ``error`` why it was refused.  Includes the quarantine file
+        of last resort (:data:`QUARANTINE_FILE`).  With ``flush`` the calls
+        this process has queued are written first.
+        """
+        self._flush_before_reading(flush)
+        names = [name for name, _ in QUARANTINE_COLUMNS]
+        out = [
+            dict(zip(names, row, strict=True))
+            for row in self.store.query(
+                f"SELECT {', '.join(names)} FROM {QUARANTINE} ORDER BY ts, record_id"
+            )
+        ]
+        file = self.spill_dir / QUARANTINE_FILE
+        if file.is_file():
+            out += [d for d in Spill.read(file) if isinstance(d, dict)]
+        for item in out:
+            with contextlib.suppress(TypeError, ValueError):
+                item["record"] = json.loads(item["record"])
+        return out
+
+    def quarantined_count(self) -> int:
+        """Records in quarantine (table and file), for every process."""
+        file = self.spill_dir / QUARANTINE_FILE
+        extra = Spill.waiting(self.spill_dir, QUARANTINE_FILE) if file.is_file() else 0
+        return self.store.count(QUARANTINE) + extra
+
+    def waiting(self) -> int:
+        """Records in spill files (of every process on this host), not yet in the database."""
+        return Spill.waiting(self.spill_dir)
 
 
 def _target(settings: StageSettings) -> str | None:
@@ -771,28 +1340,29 @@ class LedgerStage:
         self.ledger.start()
 
     @hookimpl
-    def record_cost(self, record: CallRecord, pipeline: Pipeline) -> None:
+    def record_cost(self, record: CallRecord, turn: Turn, pipeline: Pipeline) -> None:
         ledger = self.ledger
         if ledger is None:
             return
         if record.price_source == "none":
             record = self._reprice(record, pipeline)
         reasons = self._reasons
-        ledger.record(record, reasons.get(record.turn_id, record.attempt) if reasons else "")
+        reason = reasons.get(record.turn_id, record.attempt) if reasons else ""
+        ledger.record(record, reason, deadline=turn.deadline)
 
     def _reprice(self, record: CallRecord, pipeline: Pipeline) -> CallRecord:
         # A route added after configure (endpoint discovery) may still have a profile.
         route = pipeline.config.routes.get(record.route)
         if route is None or self._book is None:
             return record
-        price = self._book.price_for(attrs.evolve(route, model=record.model))
-        if price is None:
-            return record
-        return attrs.evolve(
-            record,
-            cost_usd=price.cost(record.prompt_tokens, record.completion_tokens),
-            price_source=price.source,
-        )
+        try:
+            price = self._book.price_for(attrs.evolve(route, model=record.model))
+            if price is None or pricing.price_problem(price) is not None:
+                return record
+            cost = price.cost(record.prompt_tokens, record.completion_tokens)
+        except (TypeError, ValueError, OverflowError):
+            return record  # figures that cannot be priced: the writer quarantines the record
+        return attrs.evolve(record, cost_usd=cost, price_source=price.source)
 
     @hookimpl
     def unconfigure(self) -> None:
@@ -914,6 +1484,7 @@ def run_cost_command(config: Config, args: argparse.Namespace) -> int:
         )
         return 1
     rows = ledger.report(by, since, flush=False)
+    held, waiting = ledger.quarantined_count(), ledger.waiting()
     if getattr(args, "json", False):
         payload = {
             "by": by,
@@ -923,6 +1494,8 @@ def run_cost_command(config: Config, args: argparse.Namespace) -> int:
             "ledger": ledger.where,
             "rows": [r.as_dict() for r in rows],
             "total": _total(rows).as_dict(),
+            "quarantined": held,
+            "waiting": waiting,
         }
         print(json.dumps(payload, indent=2))
     elif getattr(args, "csv", False):
@@ -935,7 +1508,25 @@ def run_cost_command(config: Config, args: argparse.Namespace) -> int:
             data = row.as_dict()
             writer.writerow(["" if data.get(f) is None else data.get(f) for f in fields])
         sys.stdout.write(out.getvalue())
+        for note in _side_notes(ledger, held, waiting):
+            print(f"nimpipe cost: {note}", file=sys.stderr)
     else:
         print(f"spend by {by} ({ledger.where}" + (f", since {args.since}" if since else "") + ")")
         print(format_report(rows, by))
+        for note in _side_notes(ledger, held, waiting):
+            print(f"note: {note}")
     return 0
+
+
+def _side_notes(ledger: Ledger, held: int, waiting: int) -> list[str]:
+    notes = []
+    if held:
+        notes.append(
+            f"{held} records quarantined (impossible figures, or refused by the database), "
+            f"not counted above: see table {QUARANTINE} or Ledger.quarantine()"
+        )
+    if waiting:
+        notes.append(
+            f"{waiting} records wait in {ledger.spill_dir} for the database, not counted above"
+        )
+    return notes

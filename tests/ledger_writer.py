@@ -10,6 +10,10 @@
     writes COUNT records straight through the :class:`Ledger` API (TARGET is
     an SQLite path or a PostgreSQL URL), then closes the ledger and prints
     ``DONE <committed>``.
+``python tests/ledger_writer.py spill DB TAG COUNT``
+    writes COUNT records to the SQLite file DB, which the test holds locked,
+    prints ``SPILLED <n>`` once the writer has given up and put them all in
+    its spill file, then waits for the test to kill it with SIGKILL.
 """
 
 from __future__ import annotations
@@ -86,12 +90,43 @@ def write_records(target: str, tag: str, count: int, start_at: float) -> int:
     return 0 if ledger.committed == count else 1
 
 
+def spill_records(path: str, tag: str, count: int) -> int:
+    from nimpipe_contrib.ledger import Ledger
+
+    ledger = Ledger.open(path, flush_interval=0.01, busy_timeout=0.05, retry_timeout=0.2)
+    start = time.time()
+    for i in range(count):
+        ledger.record(
+            CallRecord(
+                time=start + i * 1e-3,
+                turn_id=f"{tag}-{i}",
+                agent_id=tag,
+                agent_type="writer",
+                route="local",
+                provider="127.0.0.1:1",
+                model="m",
+                prompt_tokens=10,
+                completion_tokens=5,
+                cost_usd=0.000123,
+                price_source="test",
+            )
+        )
+    deadline = time.monotonic() + 30
+    while ledger.spilled < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _say(f"SPILLED {ledger.spilled}")
+    time.sleep(60)  # the test kills this process
+    return 1
+
+
 def main(argv: Sequence[str]) -> int:
     if argv[0] == "turns":
         return run_turns(argv[1])
     if argv[0] == "records":
         start_at = float(argv[4]) if len(argv) > 4 else 0.0
         return write_records(argv[1], argv[2], int(argv[3]), start_at)
+    if argv[0] == "spill":
+        return spill_records(argv[1], argv[2], int(argv[3]))
     raise SystemExit(f"unknown mode {argv[0]!r}")
 
 
