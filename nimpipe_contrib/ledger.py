@@ -751,7 +751,7 @@ class Ledger:
             self.start()
         elif self._closed:
             raise NimpipeError(f"the ledger at {self.where} is closed")
-        item = (record, routing_reason, f"{self._origin}:{next(self._ids)}")
+        item = (record, routing_reason, next(self._ids))
         if self._queue.qsize() >= self.max_pending and not self._wait_for_room(deadline):
             self._keep([self._prepare(*item)], "the writer's queue is full")
             return
@@ -824,7 +824,7 @@ class Ledger:
     # -- the writer thread -----------------------------------------------------
 
     def _run(self) -> None:
-        batch: list[tuple[Any, Any, str]] = []
+        batch: list[tuple[Any, Any, int]] = []
         waiters: list[threading.Event] = []
         deadline = 0.0
         stop = False
@@ -881,8 +881,9 @@ class Ledger:
             self._spill.close()
         self.store.close_writer()
 
-    def _prepare(self, record: Any, routing_reason: Any, record_id: str) -> _Entry:
+    def _prepare(self, record: Any, routing_reason: Any, number: int) -> _Entry:
         """The row of ``record``, or its quarantine row when its figures are impossible."""
+        record_id = f"{self._origin}:{number}"
         problems: list[str] = []
         try:
             row = self._row(record, routing_reason, record_id, problems)

@@ -827,3 +827,51 @@ def test_nimpipe_cost_names_quarantined_and_waiting_records(tmp_path: Path) -> N
     assert data["total"]["calls"] == 1
     csv_run = cost_cli(tmp_path, "--csv")
     assert "1 records quarantined" in csv_run.stderr
+
+
+@pytest.mark.parametrize("mode", ["run", "arun"])
+def test_a_server_reporting_impossible_usage_does_not_poison_the_ledger(
+    make_pipeline: Any, target: str, mode: str
+) -> None:
+    settings: dict[str, Any] = {"flush_interval": 0.01}
+    settings.update({"url": target} if target.startswith("postgresql://") else {"path": target})
+    body = {
+        "id": "chatcmpl-huge",
+        "object": "chat.completion",
+        "created": 1_750_000_000,
+        "model": MODEL,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 10**20, "completion_tokens": 3},
+    }
+    with NimServer() as server:
+        pipeline = make_pipeline(
+            routes=[route_for(server, max_retries=0)], stages={"ledger": settings}
+        )
+        server.inject("status", count=1, status=200, body=body)
+        turns = [Turn.create(f"{mode} call {i}") for i in range(6)]
+
+        async def all_turns() -> list[Any]:
+            return list(
+                await asyncio.gather(*(pipeline.arun(t) for t in turns), return_exceptions=True)
+            )
+
+        if mode == "run":
+            results: list[Any] = []
+            for turn in turns:
+                try:
+                    results.append(pipeline.run(turn))
+                except Exception as exc:
+                    results.append(exc)
+        else:
+            results = asyncio.run(all_turns())
+        ledger = ledger_of(pipeline)
+        assert ledger.flush(30)
+        rows = ledger.rows()
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert len(failed) == 1 and type(failed[0]).__name__ == "MalformedReplyError"
+    # every call is recorded, the failed one with estimated, possible figures
+    assert len(rows) == 6 and ledger.quarantined == 0 and ledger.lost == 0
+    assert max(r["prompt_tokens"] for r in rows) < 1000
+    assert sorted(r["outcome"] for r in rows) == ["error"] + ["ok"] * 5
