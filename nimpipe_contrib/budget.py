@@ -34,11 +34,12 @@ so a reply through nimpipe's provider never costs more than its
 reservation.  The stage does not trust a record's figures either (records
 also come from jaato, other providers and replayed traces):
 
-- a record whose cost is negative, ``nan``, infinite or above $1,000,000, or whose token counts
-  are negative, not whole or above 10**9, is charged its reservation (or, with
-  none, the most its route could cost for the tokens it names, each at most
-  the context length), never less, and counted in ``invalid_records`` with
-  a warning: impossible usage cannot create headroom;
+- a record whose cost is negative, ``nan``, infinite or above $1,000,000,
+  or whose token counts are negative, not whole or above 10**9, is charged
+  its reservation (or, with none, the most its route could cost for the
+  tokens it names, an impossible count taken as the context length), never
+  less, and counted in ``invalid_records`` with a warning: impossible usage
+  cannot create headroom;
 - a record that costs more than its reservation is charged in full (the spend
   is real), counted in ``overruns`` with a warning, and when it pushes spend
   past a limit the overshoot is logged as an error and shown as
@@ -72,12 +73,12 @@ Settings (``[stages.budget]``)::
     seed_from_ledger = true      # start from today's/this month's spend in the ledger
     reservation_ttl = 900        # seconds before a reservation with no record is dropped
 
-Limits are finite amounts >= 0: ``nan``, ``inf`` or a negative limit is a
-``ConfigError`` naming the key.
-
     [stages.budget.agents.orchestrator]   # an agent id (else an agent type)
     daily_usd = 10.0
     monthly_usd = 150.0
+
+Limits are finite amounts >= 0: ``nan``, ``inf`` or a negative limit is a
+``ConfigError`` naming the key.
 
 Scope: the limits hold for the calls of one process (every pipeline thread
 and task of it), starting from the spend the ledger held when the stage was
