@@ -579,7 +579,7 @@ def test_impossible_figures_are_quarantined_and_the_rest_commits(
     assert KEY not in json.dumps(held) and "***" in held[-1]["record"]["error"]
     assert ledger.quarantined_count() == len(IMPOSSIBLE)
     ledger.close()
-    print(f"\n{target.split(':')[0]}: {good} committed, {len(IMPOSSIBLE)} quarantined")
+    print(f"\n{backend_of(target)}: {good} committed, {len(IMPOSSIBLE)} quarantined")
 
 
 def test_a_batch_the_database_refuses_is_split_and_the_refused_record_quarantined(
