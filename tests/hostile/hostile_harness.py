@@ -26,7 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nimpipe import CallRecord, FinishReason, NimpipeError, Turn, TurnResult, hookimpl
+from nimpipe import (
+    CallRecord,
+    FinishReason,
+    NimpipeError,
+    Output,
+    Turn,
+    TurnResult,
+    hookimpl,
+)
 from nimpipe.errors import ProviderError
 
 MODES = ("run", "arun", "stream", "astream")
@@ -79,6 +87,14 @@ class Recorder:
     @hookimpl
     def record_cost(self, record: CallRecord) -> None:
         self.records.append(record)
+
+
+class PassOutput:
+    """Passes every output; its presence makes the pipeline hold streamed text back."""
+
+    @hookimpl
+    def post_output(self, output: Output) -> None:
+        return None
 
 
 def record_problems(records: Sequence[CallRecord]) -> list[str]:

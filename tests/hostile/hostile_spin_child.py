@@ -37,13 +37,20 @@ from nimpipe.pipeline import Pipeline
 
 
 class PassingCheck:
-    """An input check that runs beside the call and passes after ``delay`` seconds."""
+    """An input check that runs beside the call and passes after ``delay`` seconds.
+
+    It checks the measured turn only (route ``slow``): the warm-up turn must
+    reach its end whatever the check does to a turn.
+    """
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
 
     @hookimpl
-    def pre_input(self, turn: Turn) -> Deferred:
+    def pre_input(self, turn: Turn) -> Deferred | None:
+        if turn.route != "slow":
+            return None
+
         async def check() -> None:
             await asyncio.sleep(self.delay)
 

@@ -15,6 +15,7 @@ import pytest
 from hostile_harness import (
     MODES,
     Expect,
+    PassOutput,
     TurnOutcome,
     Validator,
     answer_is,
@@ -36,14 +37,6 @@ class BlockWord:
     def post_output(self, output: Output) -> Block | None:
         if FORBIDDEN in output.text:
             return Block(reason="forbidden word", rule="forbidden-word")
-        return None
-
-
-class PassOutput:
-    """Passes every output; its presence makes the pipeline hold streamed text back."""
-
-    @hookimpl
-    def post_output(self, output: Output) -> None:
         return None
 
 

@@ -105,7 +105,7 @@ def _run_child(zygote: Zygote, spec: dict[str, Any], bound: float) -> dict[str, 
     events_path = Path(spec["events"])
     pid = zygote.spawn(spec)
     started = cpu_started = None
-    give_up = time.monotonic() + 30.0  # the warm-up turn
+    give_up = time.monotonic() + 15.0  # the warm-up turn
     try:
         while time.monotonic() < give_up:
             seen = _events(events_path)
