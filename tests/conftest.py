@@ -21,9 +21,6 @@ for _name in list(os.environ):
 os.environ["NIMPIPE_LOAD_PLUGINS"] = ""
 os.environ["NEMO_GUARDRAILS_NO_USAGE_STATS"] = "1"
 
-#: The fixed address cassettes were recorded against (the ``live`` session serves llama.cpp here).
-CASSETTE_PORT = 18080
-CASSETTE_BASE_URL = f"http://127.0.0.1:{CASSETTE_PORT}/v1"
 
 
 @pytest.fixture(autouse=True)

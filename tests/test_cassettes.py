@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CASSETTE_BASE_URL, CASSETTE_PORT
 
 from nimpipe import FinishReason, Route, Turn
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = {"temperature": 0.0, "max_tokens": 24, "seed": 7}
+
+#: The fixed address cassettes were recorded against (the ``live`` session serves llama.cpp here).
+CASSETTE_PORT = 18080
+CASSETTE_BASE_URL = f"http://127.0.0.1:{CASSETTE_PORT}/v1"
 
 
 @pytest.fixture(scope="module")
