@@ -125,10 +125,11 @@ def turn_path(calls: int, warmup: int, workdir: Path) -> dict[str, Any]:
 def _record_cost_alone(stage: Any, record: CallRecord, pipeline: Pipeline, calls: int) -> float:
     n = max(calls * 5, 10_000)
     best = float("inf")
+    turn = Turn.create("x")
     for _ in range(5):
         start = time.perf_counter_ns()
         for _ in range(n):
-            stage.record_cost(record=record, pipeline=pipeline)
+            stage.record_cost(record=record, turn=turn, pipeline=pipeline)
         best = min(best, (time.perf_counter_ns() - start) / n / 1000)
         stage.ledger.flush(60)
     return best
