@@ -46,8 +46,8 @@ from nimpipe import Pipeline, Route, Turn
 from nimpipe.config import Config
 from nimpipe.testing.nim_server import NimServerProcess
 from nimpipe_contrib import pricing
-from nimpipe_contrib.cascade import score_response
 from nimpipe_contrib.ledger import Ledger
+from nimpipe_contrib.routing.scorers import score_response
 
 CHEAP = "meta/llama-3.1-8b-instruct"
 FRONTIER = "meta/llama-3.1-405b-instruct"

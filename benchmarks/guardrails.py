@@ -58,7 +58,7 @@ from nimpipe.config import Config
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServerProcess
 from nimpipe.types import Route, Turn
-from nimpipe_contrib.guardrails_backends import ContentSafetyBackend
+from nimpipe_contrib.guardrails.backends.nemoguard import ContentSafetyBackend
 
 SAFE = json.dumps({"User Safety": "safe"})
 UNSAFE = json.dumps({"User Safety": "unsafe", "Safety Categories": "Violence"})
@@ -165,7 +165,7 @@ async def part1(args: argparse.Namespace) -> dict[str, Any]:
 
 async def part2(args: argparse.Namespace) -> dict[str, Any] | None:
     from nimpipe.testing import guardrails_server as gs
-    from nimpipe_contrib.guardrails_backends import MicroserviceBackend
+    from nimpipe_contrib.guardrails.backends.microservice import MicroserviceBackend
 
     if not gs.is_installed():
         print("\nPart 2 skipped: run `python -m nimpipe.testing.guardrails_server install`")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthenticationError",
+    "BackendUnavailable",
     "BlockedError",
     "CancelledError",
     "ConfigError",
@@ -265,6 +266,19 @@ class OfflineError(NimpipeError):
     def __init__(self, message: str, *, host: str | None = None) -> None:
         self.host = host
         super().__init__(message)
+
+
+class BackendUnavailable(NimpipeError):
+    """A guardrails check backend could not judge (down, too slow, or no verdict); names it.
+
+    ``reason`` is scrubbed of secrets (it may quote what the service answered).
+    """
+
+    def __init__(self, backend: str, reason: str) -> None:
+        #: The backend's short name (``microservice``, ``content_safety``...).
+        self.backend = backend
+        self.reason = scrub(reason)
+        super().__init__(f"{backend}: {self.reason}")
 
 
 class ProviderError(NimpipeError):

@@ -71,10 +71,10 @@ CONTRIB_STAGES: Mapping[str, str] = {
     "nim_health": "nimpipe_contrib.health",
     "ledger": "nimpipe_contrib.ledger",
     "budget": "nimpipe_contrib.budget",
-    "router": "nimpipe_contrib.router",
-    "cascade": "nimpipe_contrib.cascade",
-    "guardrails": "nimpipe_contrib.guardrails",
-    "pii_redactor": "nimpipe_contrib.pii",
+    "router": "nimpipe_contrib.routing.router",
+    "cascade": "nimpipe_contrib.routing.cascade",
+    "guardrails": "nimpipe_contrib.guardrails.stage",
+    "pii_redactor": "nimpipe_contrib.guardrails.pii",
 }
 
 #: Hooks nimpipe dispatches itself; wrappers are refused on them.

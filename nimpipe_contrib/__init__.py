@@ -2,8 +2,9 @@
 
 Each stage is one module registered as an ordinary plugin under a short name
 (see ``nimpipe.plugins.CONTRIB_STAGES``): ``catalog``, ``health``,
-``guardrails``, ``pii``, ``ledger``, ``budget``, ``router``, ``cascade``.
-Modules whose names start with an underscore, and ``prometheus``,
-``pricing``, ``route_reasons``, ``guardrails_backends`` and
-``guardrails_hooks``, are shared building blocks, not stages.
+``ledger``, ``budget``, ``guardrails.stage``, ``guardrails.pii``,
+``routing.router``, ``routing.cascade``.  The packages ``guardrails`` and
+``routing`` hold a subsystem each (see their docstrings); their other
+modules, modules whose names start with an underscore, ``prometheus`` and
+``pricing`` are shared building blocks, not stages.
 """

@@ -48,7 +48,7 @@ def _read_budget(config: Config) -> None:
 
 
 def _read_router(config: Config) -> None:
-    from nimpipe_contrib.router import create_plugin
+    from nimpipe_contrib.routing.router import create_plugin
 
     create_plugin().apply_settings(
         StageSettings.from_config(config, "router"), tuple(config.routes)
@@ -56,19 +56,19 @@ def _read_router(config: Config) -> None:
 
 
 def _read_cascade(config: Config) -> None:
-    from nimpipe_contrib.cascade import CascadeSettings
+    from nimpipe_contrib.routing.cascade import CascadeSettings
 
     CascadeSettings.from_settings(StageSettings.from_config(config, "cascade"))
 
 
 def _read_guardrails(config: Config) -> None:
-    from nimpipe_contrib.guardrails import GuardrailsSettings
+    from nimpipe_contrib.guardrails.settings import GuardrailsSettings
 
     GuardrailsSettings.from_config(config)
 
 
 def _read_pii(config: Config) -> None:
-    from nimpipe_contrib.pii import PiiSettings
+    from nimpipe_contrib.guardrails.pii import PiiSettings
 
     PiiSettings.from_table(config.stage("pii_redactor"), config.source)
 

@@ -102,13 +102,13 @@ from nimpipe._markers import hookimpl
 from nimpipe.types import Attempt, Block, CallRecord, Route, Turn
 from nimpipe_contrib import pricing
 from nimpipe_contrib._settings import StageSettings
-from nimpipe_contrib.route_reasons import reasons_for
+from nimpipe_contrib.routing.reasons import reasons_for
 
 if TYPE_CHECKING:
     from zoneinfo import ZoneInfo
 
     from nimpipe.pipeline import Pipeline
-    from nimpipe_contrib.route_reasons import RouteReasons
+    from nimpipe_contrib.routing.reasons import RouteReasons
 
 __all__ = ["UNCAPPED_COMPLETION_TOKENS", "BudgetStage", "BudgetStatus", "Limit", "create_plugin"]
 

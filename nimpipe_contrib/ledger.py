@@ -123,7 +123,7 @@ from nimpipe_contrib._ledger_store import (
     require_psycopg,
 )
 from nimpipe_contrib._settings import StageSettings
-from nimpipe_contrib.route_reasons import reasons_for
+from nimpipe_contrib.routing.reasons import reasons_for
 
 if TYPE_CHECKING:
     import argparse
@@ -132,7 +132,7 @@ if TYPE_CHECKING:
 
     from nimpipe.config import Config
     from nimpipe.pipeline import Pipeline
-    from nimpipe_contrib.route_reasons import RouteReasons
+    from nimpipe_contrib.routing.reasons import RouteReasons
 
 __all__ = [
     "GROUPINGS",

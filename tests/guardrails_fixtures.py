@@ -16,7 +16,7 @@ import pytest
 from nimpipe.config import Config
 from nimpipe.pipeline import Pipeline
 from nimpipe.types import Route, Verdict
-from nimpipe_contrib.guardrails import GuardrailsStage
+from nimpipe_contrib.guardrails.stage import GuardrailsStage
 
 REFUSAL = "I'm sorry, I can't respond to that."
 

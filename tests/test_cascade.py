@@ -23,7 +23,8 @@ from nimpipe import (
 )
 from nimpipe.errors import ConfigError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib.cascade import CascadeSettings, parse_rating, score_response
+from nimpipe_contrib.routing.cascade import CascadeSettings
+from nimpipe_contrib.routing.scorers import parse_rating, score_response
 
 CHEAP = "meta/llama-3.1-8b-instruct"
 FRONTIER = "meta/llama-3.1-405b-instruct"

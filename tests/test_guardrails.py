@@ -33,8 +33,9 @@ from nimpipe.errors import ConfigError
 from nimpipe.testing import guardrails_server
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import Turn
-from nimpipe_contrib.guardrails import UNAVAILABLE_RULE, GuardrailsSettings
-from nimpipe_contrib.guardrails_backends import MicroserviceBackend
+from nimpipe_contrib.guardrails.backends.microservice import MicroserviceBackend
+from nimpipe_contrib.guardrails.settings import GuardrailsSettings
+from nimpipe_contrib.guardrails.verdicts import UNAVAILABLE_RULE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,11 +29,8 @@ from nimpipe.errors import ConfigError
 from nimpipe.testing import guardrails_server
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import Turn
-from nimpipe_contrib.guardrails import (
-    GENERATION_BACKEND,
-    UNAVAILABLE_RULE,
-    GuardrailsSettings,
-)
+from nimpipe_contrib.guardrails.settings import GuardrailsSettings
+from nimpipe_contrib.guardrails.verdicts import GENERATION_BACKEND, UNAVAILABLE_RULE
 
 pytestmark = pytest.mark.timeout(120)
 

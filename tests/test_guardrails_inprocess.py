@@ -34,8 +34,9 @@ from nimpipe.errors import ConfigError
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import ToolSpec, Turn
-from nimpipe_contrib.guardrails import UNAVAILABLE_RULE, GuardrailsSettings
-from nimpipe_contrib.guardrails_backends import nemoguardrails_available
+from nimpipe_contrib.guardrails.backends.inprocess import nemoguardrails_available
+from nimpipe_contrib.guardrails.settings import GuardrailsSettings
+from nimpipe_contrib.guardrails.verdicts import UNAVAILABLE_RULE
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -211,8 +212,8 @@ def test_nemoguardrails_is_imported_only_by_the_inprocess_backend(
 ) -> None:
     code = (
         "import sys\n"
-        "import nimpipe_contrib.guardrails, nimpipe_contrib.guardrails_backends\n"
-        "import nimpipe_contrib.pii\n"
+        "import nimpipe_contrib.guardrails.stage, nimpipe_contrib.guardrails.demo\n"
+        "import nimpipe_contrib.guardrails.pii\n"
         "assert 'nemoguardrails' not in sys.modules, 'imported at import time'\n"
         "assert 'httpx' not in sys.modules, 'httpx imported at import time'\n"
     )

@@ -22,7 +22,7 @@ from guardrails_fixtures import (
 
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import ToolSpec, Turn
-from nimpipe_contrib.guardrails import UNAVAILABLE_RULE
+from nimpipe_contrib.guardrails.verdicts import UNAVAILABLE_RULE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,9 +13,16 @@ from nimpipe import hookimpl
 from nimpipe.errors import ConfigError
 from nimpipe.testing.nim_server import NimServer
 from nimpipe.types import ToolCall, ToolSpec, Turn, Verdict
-from nimpipe_contrib.guardrails import UNAVAILABLE_RULE
-from nimpipe_contrib.guardrails_hooks import HOOK_NAMES, declare_hooks
-from nimpipe_contrib.pii import KINDS, PiiRedactor, PiiSettings, find_pii, luhn_valid, redact
+from nimpipe_contrib.guardrails.checkers import HOOK_NAMES, declare_hooks
+from nimpipe_contrib.guardrails.pii import (
+    KINDS,
+    PiiRedactor,
+    PiiSettings,
+    find_pii,
+    luhn_valid,
+    redact,
+)
+from nimpipe_contrib.guardrails.verdicts import UNAVAILABLE_RULE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -283,7 +290,7 @@ def test_every_checker_hook_is_documented_with_its_signature() -> None:
     import inspect
     from pathlib import Path
 
-    from nimpipe_contrib.guardrails_hooks import GuardrailsCheckerSpec
+    from nimpipe_contrib.guardrails.checkers import GuardrailsCheckerSpec
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "guardrails.md").read_text()
     for name in HOOK_NAMES:
@@ -298,7 +305,7 @@ def test_every_checker_hook_is_documented_with_its_signature() -> None:
 def test_every_setting_is_documented() -> None:
     from pathlib import Path
 
-    from nimpipe_contrib.guardrails import _KEYS
+    from nimpipe_contrib.guardrails.settings import KEYS as _KEYS
 
     docs = (Path(__file__).resolve().parent.parent / "docs" / "guardrails.md").read_text()
     for key in sorted(_KEYS):

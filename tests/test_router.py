@@ -11,7 +11,7 @@ import pytest
 from nimpipe import Price, Route, ToolSpec, Turn
 from nimpipe.errors import ConfigError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib.router import RouterStage, estimate_complexity, infer_tags
+from nimpipe_contrib.routing.router import RouterStage, estimate_complexity, infer_tags
 
 LOCAL = "meta/llama-3.1-8b-instruct"
 CODER = "qwen/qwen2.5-coder-32b-instruct"

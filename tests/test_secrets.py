@@ -562,6 +562,7 @@ def _every_error(key: str) -> list[BaseException]:
         errors.DeadlineExceededError(f"late {key}", turn_id=key),
         errors.CancelledError(f"cancelled {key}", turn_id=key),
         errors.OfflineError(f"refused {key}", host=key),
+        errors.BackendUnavailable(key, f"down: {key}"),
         errors.RedactedError(ValueError(f"original {key}")),
     ]
     for name in errors.__all__:
@@ -684,7 +685,7 @@ def test_scrub_masks_every_form_of_a_registered_secret_and_nothing_else() -> Non
 
 
 def test_a_quoted_reply_is_scrubbed_before_it_is_cut() -> None:
-    from nimpipe_contrib.guardrails_backends import excerpt
+    from nimpipe_contrib.guardrails.backends.base import excerpt
 
     key = "nvapi" + "-" + secrets.token_hex(20)  # key-shaped, not registered
     text = "x" * 190 + " " + key  # a cut at 200 would leave a piece no pattern matches

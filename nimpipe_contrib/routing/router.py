@@ -15,19 +15,16 @@ route or model)
     leaves the choice to the next stage (the cascade, then ``default_route``).
     Escalations and retries are left to those stages too.
 
-Every choice is noted with its reason (see :mod:`nimpipe_contrib.route_reasons`):
+Every choice is noted with its reason (see :mod:`nimpipe_contrib.routing.reasons`):
 the ledger stores it with the call's record, and the ``nimpipe.routing``
 logger prints it at DEBUG level.
 
-Settings (``[stages.router]``)::
+Settings (``[stages.router]``): each setting is a field of
+:class:`RouterStage`, with its default; ``docs/routing-cost.md`` explains
+them.  Rules, for example::
 
-    mode = "rules"               # or "cost": rules first, then the cost optimiser
-    thresholds = [0.3, 0.6]      # complexity at which tier 1, tier 2, ... is needed
-    completion_tokens = 512      # expected answer length, for costs and context fit
-    context_margin = 1.1         # local token counts are estimates
-    infer_tags = true            # tag turns with a fenced code block "code"
-    unhealthy_after = 3          # consecutive failed calls that take a route out
-    cooldown = 30.0              # seconds it stays out
+    [stages.router]
+    mode = "cost"                # rules first, then the cost optimiser
 
     [[stages.router.rules]]      # subagent specialisation: orchestrator on the frontier
     match = { agent_type = "orchestrator" }
@@ -65,15 +62,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from nimpipe._markers import hookimpl
+from nimpipe.stage import StageSettings, hookimpl
 from nimpipe.types import Attempt, CallRecord, Route, Turn
 from nimpipe_contrib import pricing
-from nimpipe_contrib._settings import StageSettings
-from nimpipe_contrib.route_reasons import reasons_for
+from nimpipe_contrib.routing.reasons import reasons_for
 
 if TYPE_CHECKING:
     from nimpipe.pipeline import Pipeline
-    from nimpipe_contrib.route_reasons import RouteReasons
+    from nimpipe_contrib.routing.reasons import RouteReasons
 
 __all__ = ["Complexity", "Match", "RouterStage", "Rule", "create_plugin", "estimate_complexity"]
 
@@ -296,15 +292,23 @@ def estimate_complexity(turn: Turn, prompt_tokens: int, tags: frozenset[str]) ->
 
 @attrs.define
 class RouterStage:
-    """The ``router`` stage of one pipeline."""
+    """The ``router`` stage of one pipeline; its fields are the ``[stages.router]`` settings."""
 
+    #: ``[[stages.router.rules]]``, in order: the first that matches wins.
     rules: tuple[Rule, ...] = ()
+    #: ``rules``, or ``cost``: when no rule matches, the cost optimiser picks.
     mode: str = "rules"
+    #: Complexity from which tier 1, tier 2, ... is needed (increasing, 0 to 1).
     thresholds: tuple[float, ...] = (0.3, 0.6)
+    #: Expected answer length in tokens, for costs and context fit.
     completion_tokens: int = 512
+    #: Local token counts are estimates: the prompt is counted this much larger.
     context_margin: float = 1.1
+    #: Tag a turn ``code`` when its last user message holds code.
     infer_tags: bool = True
+    #: Consecutive failed calls that take a route out of rotation.
     unhealthy_after: int = 3
+    #: Seconds a route stays out.
     cooldown: float = 30.0
     _failures: dict[str, int] = attrs.field(factory=dict, init=False)
     _down_until: dict[str, float] = attrs.field(factory=dict, init=False)
@@ -322,19 +326,26 @@ class RouterStage:
     def apply_settings(self, settings: StageSettings, routes: Sequence[str]) -> None:
         """Read a ``[stages.router]`` table (raises ``ConfigError`` naming the key)."""
         settings.only(_KNOWN)
-        self.mode = settings.choice("mode", ("rules", "cost"), "rules")
+        default = {field.name: field.default for field in attrs.fields(RouterStage)}
+        self.mode = settings.choice("mode", ("rules", "cost"), default["mode"])
         self.rules = tuple(
             _parse_rule(item, i, routes) for i, item in enumerate(settings.tables("rules"))
         )
-        thresholds = settings.numbers("thresholds", (0.3, 0.6))
+        thresholds = settings.numbers("thresholds", default["thresholds"])
         if list(thresholds) != sorted(thresholds) or any(not 0 <= t <= 1 for t in thresholds):
             raise settings.fail("thresholds", "must be increasing numbers between 0 and 1")
         self.thresholds = thresholds
-        self.completion_tokens = settings.integer("completion_tokens", 512, minimum=1)
-        self.context_margin = settings.number("context_margin", 1.1, minimum=1.0)
-        self.infer_tags = settings.boolean("infer_tags", True)
-        self.unhealthy_after = settings.integer("unhealthy_after", 3, minimum=1)
-        self.cooldown = settings.number("cooldown", 30.0, minimum=0.0)
+        self.completion_tokens = settings.integer(
+            "completion_tokens", default["completion_tokens"], minimum=1
+        )
+        self.context_margin = settings.number(
+            "context_margin", default["context_margin"], minimum=1.0
+        )
+        self.infer_tags = settings.boolean("infer_tags", default["infer_tags"])
+        self.unhealthy_after = settings.integer(
+            "unhealthy_after", default["unhealthy_after"], minimum=1
+        )
+        self.cooldown = settings.number("cooldown", default["cooldown"], minimum=0.0)
 
     # -- helpers ----------------------------------------------------------
 

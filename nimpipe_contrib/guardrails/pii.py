@@ -4,17 +4,12 @@ Finds e-mail addresses, phone numbers, payment card numbers (Luhn-checked),
 IBANs (mod-97-checked), US social security numbers and API-key-like tokens
 (``sk-...``, ``nvapi-...``, GitHub, Slack, AWS and Google keys, JWTs), and
 either replaces each with a placeholder (``[EMAIL]``, ``[CARD]``...) or
-blocks the text::
-
-    [stages.pii_redactor]
-    action = "redact"          # or "block"
-    kinds = ["email", "card"]  # default: all of KINDS
-    check_input = true
-    check_output = true
-    check_tool_calls = true    # block tool calls whose arguments carry PII (action = "block")
+blocks the text.  Enable it with a ``[stages.pii_redactor]`` table (the
+settings and their defaults are :class:`PiiSettings`; ``docs/guardrails.md``
+explains them).
 
 With the ``guardrails`` stage enabled it is a guardrails provider: it
-implements the checker hooks of :mod:`nimpipe_contrib.guardrails_hooks` and
+implements the checker hooks of :mod:`nimpipe_contrib.guardrails.checkers` and
 the guardrails stage aggregates its verdicts with its backends' (redaction
 happens before the model and the backends see the input, and blocks are
 recorded like any rail's).  Alone, it rewrites or blocks input and output
@@ -33,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from nimpipe import hookimpl
 from nimpipe.errors import ConfigError
 from nimpipe.redaction import API_KEY
+from nimpipe.stage import hookimpl
 from nimpipe.types import Block, Output, Role, ToolCall, Turn, Verdict
-from nimpipe_contrib.guardrails_hooks import VerdictLog, declare_hooks, publish_verdict
+from nimpipe_contrib.guardrails.checkers import declare_hooks
+from nimpipe_contrib.guardrails.verdicts import VerdictLog, publish_verdict
 
 if TYPE_CHECKING:
     import pluggy
@@ -179,7 +175,9 @@ class PiiSettings:
     action: Literal["redact", "block"] = "redact"
     #: The kinds looked for.
     kinds: tuple[str, ...] = KINDS
+    #: Judge (and redact) the user's messages.
     check_input: bool = True
+    #: Judge (and redact) the answer.
     check_output: bool = True
     #: Judge tool-call arguments (a tool call cannot be rewritten: only ``block`` acts).
     check_tool_calls: bool = True

@@ -10,9 +10,9 @@ or ``None`` (nothing to say), and the stage aggregates them: the first
 A provider that may be installed without the ``guardrails`` stage declares the
 hooks itself, so that its implementations are never "unknown hooks"::
 
-    from nimpipe import hookimpl
+    from nimpipe.stage import hookimpl
     from nimpipe.types import Verdict
-    from nimpipe_contrib.guardrails_hooks import declare_hooks
+    from nimpipe_contrib.guardrails.checkers import declare_hooks
 
     class NoShouting:
         @hookimpl
@@ -34,16 +34,9 @@ tool calls, hooks and backends run at the same time.  The hooks are collected
 
 from __future__ import annotations
 
-import collections
-import logging
-import sys
-import threading
 from typing import TYPE_CHECKING
 
-import attrs
-
-from nimpipe import hookspec
-from nimpipe.redaction import scrub, scrub_fields
+from nimpipe.stage import hookspec
 
 if TYPE_CHECKING:
     import pluggy
@@ -51,13 +44,7 @@ if TYPE_CHECKING:
     from nimpipe.pipeline import Pipeline
     from nimpipe.types import ToolCall, Turn, Verdict
 
-__all__ = [
-    "HOOK_NAMES",
-    "GuardrailsCheckerSpec",
-    "VerdictLog",
-    "declare_hooks",
-    "publish_verdict",
-]
+__all__ = ["HOOK_NAMES", "GuardrailsCheckerSpec", "declare_hooks"]
 
 #: The hooks a guardrails provider implements.
 HOOK_NAMES = (
@@ -65,9 +52,6 @@ HOOK_NAMES = (
     "guardrails_check_output",
     "guardrails_check_tool_call",
 )
-
-#: Logger that receives every verdict, at INFO (and ``nimpipe.trace`` under ``NIMPIPE_TRACE``).
-verdict_log = logging.getLogger("nimpipe.guardrails")
 
 
 class GuardrailsCheckerSpec:
@@ -148,78 +132,3 @@ def declare_hooks(pluginmanager: pluggy.PluginManager) -> None:
     if caller is not None and caller.spec is not None:
         return
     pluginmanager.add_hookspecs(GuardrailsCheckerSpec)
-
-
-@attrs.define
-class VerdictLog:
-    """The verdicts of the most recent turns, by turn id (bounded: old turns drop out).
-
-    Thread-safe.  Each stage that judges turns owns one.
-    """
-
-    #: How many turns are kept.
-    max_turns: int = 1024
-    _turns: collections.OrderedDict[str, list[Verdict]] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
-    _lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
-
-    def add(self, turn_id: str, verdict: Verdict) -> None:
-        """Append ``verdict`` to the verdicts of ``turn_id``."""
-        with self._lock:
-            verdicts = self._turns.get(turn_id)
-            if verdicts is None:
-                verdicts = self._turns[turn_id] = []
-                while len(self._turns) > self.max_turns:
-                    self._turns.popitem(last=False)
-            verdicts.append(verdict)
-
-    def get(self, turn_id: str) -> tuple[Verdict, ...]:
-        """The verdicts recorded for ``turn_id``, oldest first."""
-        with self._lock:
-            return tuple(self._turns.get(turn_id, ()))
-
-    def all(self) -> tuple[Verdict, ...]:
-        """Every verdict kept, oldest turn first."""
-        with self._lock:
-            return tuple(v for verdicts in self._turns.values() for v in verdicts)
-
-    def clear(self) -> None:
-        """Forget every verdict."""
-        with self._lock:
-            self._turns.clear()
-
-
-def publish_verdict(
-    pipeline: Pipeline | None, turn: Turn, verdict: Verdict, log: VerdictLog
-) -> None:
-    """Record one verdict of ``turn``: on the turn, in ``log``, on ``nimpipe.guardrails``, traced.
-
-    Call it from a hook (or a deferred check) of the running turn:
-    :meth:`Pipeline.add_verdict` attaches the verdict to the turn's next
-    :class:`~nimpipe.types.CallRecord` (the ledger) and to
-    :attr:`TurnResult.verdicts`.  Rewrite verdicts are recorded with their
-    ``detail`` summarised by the caller (never the rewritten text itself).
-    The verdict's texts are scrubbed of secrets before they are recorded.
-    """
-    verdict = scrub_fields(verdict)
-    log.add(turn.id, verdict)
-    if pipeline is not None:
-        pipeline.add_verdict(verdict)
-    tracing = pipeline is not None and pipeline.config.trace
-    if not tracing and not verdict_log.isEnabledFor(logging.INFO):
-        return
-    detail = f": {verdict.detail}" if verdict.detail else ""
-    source = f"{verdict.plugin or '?'}/{verdict.backend or '-'}"
-    message = (
-        f"verdict {verdict.rule} {verdict.decision} for turn {turn.id} by {source} "
-        f"in {verdict.latency * 1000:.1f} ms{detail}"
-    )
-    message = scrub(message)
-    verdict_log.info(message)
-    if tracing:
-        trace = logging.getLogger("nimpipe.trace")
-        if trace.hasHandlers():
-            trace.info(message)
-        else:
-            print(f"[nimpipe] {message}", file=sys.stderr)
