@@ -16,6 +16,7 @@ httpx is imported on first use, never at import time.
 from __future__ import annotations
 
 import contextlib
+import ssl
 import threading
 import time
 import weakref
@@ -94,7 +95,7 @@ class Clock:
         )
 
 
-#: The deadline (monotonic) of the blocking call running on this thread, if any.
+#: The deadline (monotonic) and cancel token of the blocking call running on this thread.
 _blocking = threading.local()
 
 
@@ -107,6 +108,27 @@ def deadline_of(deadline: float | None) -> Iterator[None]:
         yield
     finally:
         _blocking.deadline = previous
+
+
+#: How often a blocking read under a cancel token looks at the token.
+_CANCEL_SLICE = 0.05
+
+
+@contextlib.contextmanager
+def cancel_of(cancel: Any) -> Iterator[None]:
+    """While inside, a blocking read of this thread ends soon after ``cancel`` is cancelled."""
+    previous = getattr(_blocking, "cancel", None)
+    _blocking.cancel = cancel
+    try:
+        yield
+    finally:
+        _blocking.cancel = previous
+
+
+def _cancelled(cancel: Any) -> BaseException:
+    from nimpipe.errors import CancelledError
+
+    return CancelledError("turn cancelled while waiting for the server")
 
 
 def _capped(timeout: float | None) -> float | None:
@@ -134,7 +156,23 @@ def _deadline_backend() -> Any:
             self._inner = inner
 
         def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-            return self._inner.read(max_bytes, _capped(timeout))
+            cancel = getattr(_blocking, "cancel", None)
+            if cancel is None:
+                return self._inner.read(max_bytes, _capped(timeout))
+            # A cancel token is watched: wait in short slices so that a cancel
+            # from another thread ends the read within one slice.
+            limit = None if timeout is None else time.monotonic() + timeout
+            while True:
+                wait = _capped(None if limit is None else max(limit - time.monotonic(), 0.0))
+                try:
+                    return self._inner.read(
+                        max_bytes, _CANCEL_SLICE if wait is None else min(wait, _CANCEL_SLICE)
+                    )
+                except httpcore.ReadTimeout:
+                    if cancel.cancelled:
+                        raise _cancelled(cancel) from None
+                    if limit is not None and time.monotonic() >= limit:
+                        raise
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
             self._inner.write(buffer, _capped(timeout))
@@ -174,12 +212,22 @@ class Clients:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        self._tls_context: ssl.SSLContext | None = None
 
     @staticmethod
     def _limits() -> httpx.Limits:
         import httpx
 
         return httpx.Limits(max_connections=256, max_keepalive_connections=64)
+
+    def _tls(self) -> ssl.SSLContext:
+        """One TLS context for every client: loading the CA bundle takes tens of milliseconds."""
+        context = self._tls_context
+        if context is None:
+            import httpx
+
+            context = self._tls_context = httpx.create_ssl_context()
+        return context
 
     def sync(self) -> httpx.Client:
         client = self._sync
@@ -189,7 +237,7 @@ class Clients:
                 if client is None:
                     import httpx
 
-                    transport = httpx.HTTPTransport(limits=self._limits())
+                    transport = httpx.HTTPTransport(limits=self._limits(), verify=self._tls())
                     # httpx offers no setting for the network backend of its pool.
                     transport._pool._network_backend = _deadline_backend()
                     client = self._sync = httpx.Client(transport=transport)
@@ -203,7 +251,9 @@ class Clients:
         if client is None:
             import httpx
 
-            client = self._async[loop] = httpx.AsyncClient(limits=self._limits())
+            client = self._async[loop] = httpx.AsyncClient(
+                limits=self._limits(), verify=self._tls()
+            )
             # Parked for the loop's life: the loop closes the client when it
             # finalises its async generators (as asyncio.run does at the end).
             parked = self._parked[loop] = _close_on_shutdown(client)

@@ -108,18 +108,27 @@ def drive_iter(agen: AsyncGenerator[T, None]) -> Iterator[T]:
 
 
 class SyncIter:
-    """An async iterator over a blocking iterator; each step completes at once."""
+    """An async iterator over a blocking iterator; each step completes at once.
 
-    __slots__ = ("_it",)
+    With a ``cancel`` token, each step's blocking reads end soon after it fires.
+    """
 
-    def __init__(self, iterator: Iterator[T]) -> None:
+    __slots__ = ("_cancel", "_it")
+
+    def __init__(self, iterator: Iterator[T], cancel: Any = None) -> None:
         self._it = iterator
+        self._cancel = cancel
 
     def __aiter__(self) -> SyncIter:
         return self
 
     async def __anext__(self) -> Any:
         try:
-            return next(self._it)
+            if self._cancel is None:
+                return next(self._it)
+            from nimpipe._http import cancel_of
+
+            with cancel_of(self._cancel):
+                return next(self._it)
         except StopIteration:
             raise StopAsyncIteration from None

@@ -185,7 +185,22 @@ def _text(value: Any, what: str, route: Route) -> str:
         return ""
     if not isinstance(value, str):
         raise MalformedReplyError(f"{what} is not text: {type(value).__name__}", route=route)
+    if not value.isascii():
+        return _valid_unicode(value)
     return value
+
+
+def _valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (JSON ``\\ud800`` escapes) replaced by U+FFFD.
+
+    They are not characters: printing or sending them back would fail later,
+    far from the reply that carried them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _finish(value: Any, route: Route) -> str | None:
@@ -563,8 +578,9 @@ class OpenAIProvider:
 
     def complete(self, route: Route, turn: Turn, timeout: float) -> Response:
         """One non-streamed call."""
-        call = _Call(route, turn, timeout, stream=False)
+        # The client is built (once) before the clock starts: its cost is not the call's.
         client = self._clients.sync()
+        call = _Call(route, turn, timeout, stream=False)
         started = time.perf_counter()
         try:
             with _sent(client, call) as reply:
@@ -582,8 +598,9 @@ class OpenAIProvider:
         Closing the iterator closes the HTTP response (that is how a call is
         cancelled).
         """
-        call = _Call(route, turn, timeout, stream=True)
+        # The client is built (once) before the clock starts: its cost is not the call's.
         client = self._clients.sync()
+        call = _Call(route, turn, timeout, stream=True)
         asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
             with _sent(client, call) as reply:
@@ -623,8 +640,9 @@ class OpenAIProvider:
 
     async def acomplete(self, route: Route, turn: Turn, timeout: float) -> Response:
         """One non-streamed call, async."""
-        call = _Call(route, turn, timeout, stream=False)
+        # The client is built (once) before the clock starts: its cost is not the call's.
         client = await self._clients.for_loop()
+        call = _Call(route, turn, timeout, stream=False)
         started = time.perf_counter()
         try:
             async with _opened(client, call) as reply:
@@ -640,8 +658,9 @@ class OpenAIProvider:
         self, route: Route, turn: Turn, timeout: float
     ) -> AsyncIterator[str | Response]:
         """One streamed call, async: yields text deltas, then the :class:`Response`."""
-        call = _Call(route, turn, timeout, stream=True)
+        # The client is built (once) before the clock starts: its cost is not the call's.
         client = await self._clients.for_loop()
+        call = _Call(route, turn, timeout, stream=True)
         asm = StreamAssembler(route, time.perf_counter(), call.cap)
         try:
             async with _opened(client, call) as reply:

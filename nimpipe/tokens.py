@@ -209,6 +209,22 @@ class _EncodingCache:
 _cache = _EncodingCache()
 
 
+def encoding_ready(model: str | None) -> bool:
+    """Whether counting for ``model`` needs no load first (the encoding is loaded or failed)."""
+    name = encoding_for_model(model)
+    return name in _cache.encodings or name in _cache.failures
+
+
+def load_in_background(model: str | None) -> None:
+    """Start loading the encoding for ``model`` on a daemon thread (at most one at a time)."""
+    name = encoding_for_model(model)
+    if encoding_ready(model) or _cache.locks[name].locked():
+        return
+    threading.Thread(
+        target=_cache.get, args=(name,), name=f"nimpipe-tokens-{name}", daemon=True
+    ).start()
+
+
 def get_encoding(name: str) -> tiktoken.Encoding:
     """The tiktoken encoding ``name`` (``cl100k_base`` or ``o200k_base``), built offline.
 
