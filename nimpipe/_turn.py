@@ -140,15 +140,15 @@ class TurnRunner:
             # Every input check has passed: a retry of this turn may skip them.
             log.checked_turn = self.turn
 
-        # What the caller may see while the model answers.
+        # What the caller may see while the model answers: what the stages declare.
         judged = plugins.has_impls("on_response")
         checked_output = plugins.has_impls("post_output")
         streaming = self.streaming
-        self.hold = streaming and (judged or checked_output or bool(deferred))
+        self.hold = streaming and (plugins.declares("holds_output") or bool(deferred))
         self.sentence_release = (
-            streaming
+            self.hold
             and checked_output
-            and not judged
+            and not plugins.declares("judges_answers")
             and not deferred
             and self.config.stream_policy == "sentence"
         )
@@ -294,6 +294,8 @@ class TurnRunner:
                             segment, pending = pending[:cut], pending[cut:]
                             yield await self._release(segment, route, attempt, started, partial)
                 elif isinstance(event, Response):
+                    if self.sentence_release and not partial and event.text:
+                        pending = event.text  # a route that does not stream
                     if self.sentence_release and pending:
                         yield await self._release(pending, route, attempt, started, partial)
                     if streaming and not hold and not partial and event.text:

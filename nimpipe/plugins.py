@@ -108,6 +108,21 @@ trace_log = logging.getLogger("nimpipe.trace")
 
 Resolver = Callable[[Any], Awaitable[Any]]
 
+#: Capabilities a plugin declares with an attribute of the same name, read when
+#: the pipeline runs a turn; each with the hooks whose implementation implies it
+#: when the plugin does not say:
+#:
+#: - ``holds_output``: streamed output is held back until this plugin has
+#:   judged it (implied by ``post_output`` and ``on_response``);
+#: - ``judges_answers``: after seeing an answer this plugin may retry, escalate
+#:   or block it, so none of it may be released before (implied by
+#:   ``on_response``); without it, held output can be released sentence by
+#:   sentence.
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "holds_output": frozenset({"post_output", "on_response"}),
+    "judges_answers": frozenset({"on_response"}),
+}
+
 
 @attrs.frozen
 class PluginInfo:
@@ -156,6 +171,7 @@ class Plugins:
     trace: bool = False
     _kinds: dict[str, tuple[str, str]] = attrs.field(factory=dict, init=False)
     _table: dict[str, tuple[_Impl, ...]] = attrs.field(factory=dict, init=False)
+    _capabilities: dict[str, bool] = attrs.field(factory=dict, init=False)
     _lock: threading.RLock = attrs.field(factory=threading.RLock, init=False)
     _blocked: set[str] = attrs.field(factory=set, init=False)
     #: Plugins left out, by name, with the reason (e.g. offline mode).
@@ -194,6 +210,7 @@ class Plugins:
                 raise
             self._kinds[registered] = (kind, version)
             self._table.clear()
+            self._capabilities.clear()
             return registered
 
     def _refuse_wrappers(self, plugin: Any, name: str) -> None:
@@ -215,6 +232,7 @@ class Plugins:
                 self.pm.unregister(plugin, name)
             self._kinds.pop(name, None)
             self._table.clear()
+            self._capabilities.clear()
 
     def block(self, names: Iterable[str]) -> None:
         """Block plugins by name: already registered ones are removed, later ones skipped."""
@@ -303,6 +321,29 @@ class Plugins:
     def has_impls(self, hook_name: str) -> bool:
         """Whether any plugin implements ``hook_name``."""
         return bool(self._impls(hook_name))
+
+    def declares(self, capability: str) -> bool:
+        """Whether any registered plugin declares ``capability`` (see :data:`CAPABILITIES`).
+
+        A plugin declares it with a class or module attribute of that name; one
+        that says nothing is given the default its hooks imply.
+        """
+        cached = self._capabilities.get(capability)
+        if cached is None:
+            implied = CAPABILITIES[capability]
+            cached = False
+            # (Not pm.get_plugins(): it builds a set, and stages need not be hashable.)
+            for _, plugin in self.pm.list_name_plugin():
+                if plugin is None:
+                    continue
+                declared = getattr(plugin, capability, None)
+                if declared is None:
+                    declared = any(
+                        caller.name in implied for caller in self.pm.get_hookcallers(plugin) or []
+                    )
+                cached = cached or bool(declared)
+            self._capabilities[capability] = cached
+        return cached
 
     def impl_names(self, hook_name: str) -> tuple[str, ...]:
         """Plugin names implementing ``hook_name``, in call order."""

@@ -310,3 +310,22 @@ def test_every_setting_is_documented() -> None:
     docs = (Path(__file__).resolve().parent.parent / "docs" / "guardrails.md").read_text()
     for key in sorted(_KEYS):
         assert f"`{key}`" in docs or f"[stages.guardrails.{key}]" in docs, key
+
+
+@pytest.mark.parametrize("policy", ["buffer", "sentence"])
+def test_with_the_guardrails_stage_sentences_are_released_one_by_one(
+    agent: NimServer, policy: str
+) -> None:
+    # The guardrails stage checks tool calls in on_response but declares that it
+    # does not judge answers, so the sentence policy still releases sentence by sentence.
+    agent.configure(token_delay=0.002)
+    stages = {"guardrails": {"backends": []}, "pii_redactor": {}}
+    with make_pipeline(agent.base_url, stages, stream_policy=policy) as pipeline:
+        assert pipeline.plugins.has_impls("on_response")
+        stream = pipeline.stream(Turn.create("contact details please"))
+        chunks = list(stream)
+    assert "".join(chunks) == "Write to [EMAIL] or call [PHONE]. Thanks."
+    if policy == "sentence":
+        assert chunks == ["Write to [EMAIL] or call [PHONE]. ", "Thanks."]
+    else:
+        assert chunks == ["Write to [EMAIL] or call [PHONE]. Thanks."]

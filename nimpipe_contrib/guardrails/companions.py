@@ -65,12 +65,14 @@ class InputCheckers:
 class ToolCallGuard:
     """Judges proposed tool calls (registered as ``guardrails.tool_calls``).
 
-    A separate plugin so that, with ``check_tool_calls = false``, the stage
-    implements no ``on_response`` and streamed text can be released sentence
-    by sentence.
+    It declares that it does not judge answers (only their tool calls), so
+    held text is released sentence by sentence under the ``sentence`` policy.
     """
 
     stage: GuardrailsStage
+    #: It only blocks tool calls (text passes post_output): held text may be
+    #: released sentence by sentence before it judges.
+    judges_answers = False
 
     @hookimpl
     async def on_response(
