@@ -68,7 +68,7 @@ def asyncio_prober(
 
     import httpx
 
-    from nimpipe_contrib.health import Reply, interpret_probe
+    from nimpipe_contrib.nim.probes import Reply, interpret_probe
 
     loop = asyncio.new_event_loop()
     client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=200))
@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --endpoints >= 1, --rounds >= 1 and 0 <= --min-latency <= --max-latency")
 
     from nimpipe.testing.nim_server import NimServerProcess
-    from nimpipe_contrib._nim import Endpoint
-    from nimpipe_contrib.health import HealthMonitor, HealthSettings, HealthState
+    from nimpipe_contrib.nim.endpoints import Endpoint
+    from nimpipe_contrib.nim.health_settings import HealthSettings
+    from nimpipe_contrib.nim.monitor import HealthMonitor
+    from nimpipe_contrib.nim.registry import HealthState
 
     delays = latencies(args.endpoints, args.min_latency, args.max_latency)
     print(f"nimpipe {nimpipe.__version__}, python {sys.version.split()[0]}, {os.cpu_count()} cpus")

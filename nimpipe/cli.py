@@ -356,8 +356,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 #: Commands served by contrib stages: command -> (module, function, what it needs).
 _STAGE_COMMANDS = {
-    "models": ("nimpipe_contrib.catalog", "run_models_command", "the NIM catalog stage"),
-    "status": ("nimpipe_contrib.health", "run_status_command", "the NIM health stage"),
+    "models": ("nimpipe_contrib.nim.commands", "run_models_command", "the NIM catalog stage"),
+    "status": ("nimpipe_contrib.nim.commands", "run_status_command", "the NIM health stage"),
     "cost": ("nimpipe_contrib.ledger", "run_cost_command", "the cost ledger stage"),
 }
 

@@ -140,8 +140,8 @@ def run_demo(*, replay: bool = False, record: bool = False, cassette: str | None
 def _catalog_and_readiness(llama_url: str, nim_url: str, tmp: Path, *, replay: bool) -> None:
     from nimpipe.config import Config
     from nimpipe.pipeline import Pipeline
-    from nimpipe_contrib.catalog import models_report
-    from nimpipe_contrib.health import wait_until_ready
+    from nimpipe_contrib.nim.monitor import wait_until_ready
+    from nimpipe_contrib.nim.reports import models_report
 
     local = Route(name="local", base_url=llama_url, model="smollm2", self_hosted=True)
     container = Route(name="container", base_url=nim_url, model=NIM_MODEL, self_hosted=True)

@@ -30,6 +30,7 @@ __all__ = [
     "NoRouteError",
     "OfflineError",
     "PluginLoadError",
+    "PrometheusParseError",
     "ProviderError",
     "RateLimitError",
     "RedactedError",
@@ -207,6 +208,16 @@ class ConfigError(NimpipeError):
             where.append(f"key {key!r}")
         prefix = f"{': '.join(where)}: " if where else ""
         super().__init__(f"{prefix}{message}")
+
+
+class PrometheusParseError(NimpipeError, ValueError):
+    """A Prometheus text exposition is malformed; carries the line number and the line."""
+
+    def __init__(self, message: str, *, line_number: int, line: str) -> None:
+        self.line_number = line_number
+        self.line = line
+        shown = line if len(line) <= 80 else line[:77] + "..."
+        super().__init__(f"line {line_number}: {message}: {shown!r}")
 
 
 class PluginLoadError(NimpipeError):

@@ -67,8 +67,8 @@ BUILTIN_STAGES: Mapping[str, str] = {
 
 #: Contrib stages: short name -> module.  Registered when enabled in the config.
 CONTRIB_STAGES: Mapping[str, str] = {
-    "nim_catalog": "nimpipe_contrib.catalog",
-    "nim_health": "nimpipe_contrib.health",
+    "nim_catalog": "nimpipe_contrib.nim.catalog",
+    "nim_health": "nimpipe_contrib.nim.health",
     "ledger": "nimpipe_contrib.ledger",
     "budget": "nimpipe_contrib.budget",
     "router": "nimpipe_contrib.routing.router",

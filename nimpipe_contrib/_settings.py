@@ -24,13 +24,13 @@ __all__ = ["SETTINGS_READERS", "StageSettings", "check_stage_settings"]
 
 
 def _read_catalog(config: Config) -> None:
-    from nimpipe_contrib.catalog import CatalogSettings
+    from nimpipe_contrib.nim.catalog_settings import CatalogSettings
 
     CatalogSettings.from_table(config.stage("nim_catalog"), config.source)
 
 
 def _read_health(config: Config) -> None:
-    from nimpipe_contrib.health import HealthSettings
+    from nimpipe_contrib.nim.health_settings import HealthSettings
 
     HealthSettings.from_table(config.stage("nim_health"), config.source)
 

@@ -17,13 +17,10 @@ from nimpipe.errors import ConfigError
 from nimpipe.jaato import _reports
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer, closed_port_url
-from nimpipe_contrib.catalog import (
-    DEFAULT_CONTEXT_LENGTH,
-    CatalogSettings,
-    NimCatalog,
-    load_overrides,
-    load_snapshot,
-)
+from nimpipe_contrib.nim.catalog import NimCatalog
+from nimpipe_contrib.nim.catalog_settings import DEFAULT_CONTEXT_LENGTH, CatalogSettings
+from nimpipe_contrib.nim.health_settings import HealthSettings
+from nimpipe_contrib.nim.known_models import load_overrides, load_snapshot
 
 MODEL = "meta/llama-3.1-8b-instruct"
 HOSTED_MODEL = "meta/llama-3.1-70b-instruct"
@@ -323,6 +320,36 @@ def test_bad_settings_name_the_key() -> None:
         CatalogSettings.from_table({"ttl": "soon"})
     with pytest.raises(ConfigError, match=r"stages\.nim_catalog\.tll"):
         CatalogSettings.from_table({"tll": 5})
+
+
+def documented_settings(stage: str) -> dict[str, str]:
+    """The settings table of ``[stages.STAGE]`` in docs/catalog-health.md: key -> default."""
+    doc = (Path(__file__).parent.parent / "docs" / "catalog-health.md").read_text("utf-8")
+    section = doc.split(f"`[stages.{stage}]`:", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    return {key.strip().strip("`"): default.strip().strip("`") for key, default in rows}
+
+
+@pytest.mark.parametrize(
+    ("stage", "kind"), [("nim_catalog", CatalogSettings), ("nim_health", HealthSettings)]
+)
+def test_documented_settings_are_the_settings_and_their_defaults(stage: str, kind: type) -> None:
+    import attrs
+
+    documented = documented_settings(stage)
+    fields = {f.name: f.default for f in attrs.fields(kind) if f.name != "overrides_named"}
+    assert set(documented) == set(fields)
+    for key, default in fields.items():
+        if default is None:
+            continue  # shown as where it defaults to (a path)
+        shown = documented[key]
+        if isinstance(default, bool):
+            assert shown == str(default).lower(), key
+        elif isinstance(default, (int, float)):
+            assert float(shown) == default, key
+        else:
+            assert shown == default, key
+    assert kind.from_table({}) == kind()  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------

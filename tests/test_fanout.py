@@ -110,7 +110,7 @@ def test_fanout_backs_off_while_the_server_queues(
         time.sleep(0.05)
     assert health.backpressure(route) == pytest.approx(0.5)
 
-    from nimpipe_contrib.health import NimHealth
+    from nimpipe_contrib.nim.health import NimHealth
 
     seen: list[float] = []
     real = NimHealth.backpressure

@@ -20,21 +20,14 @@ from nimpipe.errors import ConfigError, UnavailableError
 from nimpipe.jaato import _reports
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer, closed_port_url
-from nimpipe_contrib._nim import endpoints_of
-from nimpipe_contrib.health import (
-    Circuit,
-    HealthMonitor,
-    HealthRegistry,
-    HealthSettings,
-    HealthState,
-    NimHealth,
-    ProbeResult,
-    Reply,
-    interpret_probe,
-    run_status_command,
-    status_report,
-    wait_until_ready,
-)
+from nimpipe_contrib.nim.commands import run_status_command
+from nimpipe_contrib.nim.endpoints import endpoints_of
+from nimpipe_contrib.nim.health import NimHealth
+from nimpipe_contrib.nim.health_settings import HealthSettings
+from nimpipe_contrib.nim.monitor import HealthMonitor, wait_until_ready
+from nimpipe_contrib.nim.probes import ProbeResult, Reply, interpret_probe
+from nimpipe_contrib.nim.registry import Circuit, HealthRegistry, HealthState
+from nimpipe_contrib.nim.reports import status_report
 
 MODEL = "meta/llama-3.1-8b-instruct"
 CHAT = "/v1/chat/completions"

@@ -22,17 +22,13 @@ from nimpipe import FinishReason, Route, Turn
 from nimpipe.jaato import _reports
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer, closed_port_url
-from nimpipe_contrib._nim import endpoints_of
-from nimpipe_contrib.catalog import NimCatalog
-from nimpipe_contrib.health import (
-    Circuit,
-    HealthMonitor,
-    HealthSettings,
-    HealthState,
-    NimHealth,
-    status_report,
-    wait_until_ready,
-)
+from nimpipe_contrib.nim.catalog import NimCatalog
+from nimpipe_contrib.nim.endpoints import endpoints_of
+from nimpipe_contrib.nim.health import NimHealth
+from nimpipe_contrib.nim.health_settings import HealthSettings
+from nimpipe_contrib.nim.monitor import HealthMonitor, wait_until_ready
+from nimpipe_contrib.nim.registry import Circuit, HealthState
+from nimpipe_contrib.nim.reports import status_report
 
 pytestmark = pytest.mark.llama
 
@@ -86,9 +82,9 @@ def test_llama_is_ready_with_metrics_unavailable(llama_server: Any) -> None:
 
 
 def row_of(health: Any) -> dict[str, Any]:
-    from nimpipe_contrib.health import _status_row
+    from nimpipe_contrib.nim.reports import status_row
 
-    return _status_row(health, HealthSettings())
+    return status_row(health, HealthSettings())
 
 
 def test_a_pipeline_on_llama_routes_probes_and_lists_it(

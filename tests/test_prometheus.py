@@ -6,10 +6,11 @@ import math
 
 import pytest
 
+from nimpipe.errors import PrometheusParseError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib import prometheus
-from nimpipe_contrib.health import ServerMetrics
-from nimpipe_contrib.prometheus import PrometheusParseError, parse
+from nimpipe_contrib.nim import exposition
+from nimpipe_contrib.nim.exposition import parse
+from nimpipe_contrib.nim.metrics import ServerMetrics
 
 EXPOSITION = """\
 # A comment that is not HELP or TYPE.
@@ -210,6 +211,6 @@ def test_nim_server_metrics_parse_with_either_prefix(prefix: str) -> None:
 
 
 def test_module_exports() -> None:
-    assert set(prometheus.__all__) >= {"parse", "Metrics", "MetricFamily", "Sample"}
+    assert set(exposition.__all__) >= {"parse", "Metrics", "MetricFamily", "Sample"}
     types = {"counter", "gauge", "histogram", "summary", "untyped"}
-    assert types == prometheus.METRIC_TYPES
+    assert types == exposition.METRIC_TYPES

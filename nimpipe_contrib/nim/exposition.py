@@ -27,11 +27,22 @@ What it accepts, as Prometheus' own parser does:
 - an OpenMetrics ``# EOF`` ends the exposition; OpenMetrics exemplars
   (``# {...} value``) after a sample are skipped.
 
-What it refuses, with a :class:`PrometheusParseError` naming the line: a
+What it refuses, with a :class:`~nimpipe.errors.PrometheusParseError` naming the line: a
 malformed name, label or value; a label name given twice in one sample; a
 second ``# HELP`` or ``# TYPE`` for one metric, or a ``# TYPE`` after the
 metric's samples; an unknown type; a bucket without a numeric ``le`` or a
 summary sample whose ``quantile`` is not a number.
+
+Why not ``prometheus_client.parser``: its text parser is lax by design (its
+docstring says so).  It takes 9 of the 22 malformed expositions
+``tests/test_prometheus.py`` must refuse as valid (a float timestamp, extra
+values, an invalid escape, a second ``# TYPE``, a bucket without ``le``...),
+names no line, once raises a ``ValueError`` with no message at all, reads past
+``# EOF``, and files a counter's ``_total`` samples, or a histogram's
+samples that come after an unrelated line, in families of their own.  It is
+also about 3 times slower: 8 to 11 ms against 2.3 to 3 ms for a 345-line NIM
+page, on every probe, in threads that share the interpreter lock with the
+turns.
 """
 
 from __future__ import annotations
@@ -43,13 +54,12 @@ from typing import Any
 
 import attrs
 
-from nimpipe.errors import NimpipeError
+from nimpipe.errors import PrometheusParseError
 
 __all__ = [
     "METRIC_TYPES",
     "MetricFamily",
     "Metrics",
-    "PrometheusParseError",
     "Sample",
     "parse",
 ]
@@ -90,16 +100,6 @@ _PLAIN_SAMPLE = re.compile(
 _PLAIN_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"\\]*)"')
 _BLANKS = " \t"
 _LABEL_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
-
-
-class PrometheusParseError(NimpipeError, ValueError):
-    """A Prometheus exposition is malformed; carries the line number and the line."""
-
-    def __init__(self, message: str, *, line_number: int, line: str) -> None:
-        self.line_number = line_number
-        self.line = line
-        shown = line if len(line) <= 80 else line[:77] + "..."
-        super().__init__(f"line {line_number}: {message}: {shown!r}")
 
 
 @attrs.frozen

@@ -1,9 +1,10 @@
-"""What the NIM stages share: the endpoints behind routes, and the ``/v1/models`` reply.
+"""The endpoints behind routes, and what an endpoint's ``/v1/models`` answers.
 
 An *endpoint* is one OpenAI-compatible base URL (``http://HOST:8000/v1``);
 several routes may share it (one per model it serves).  The catalog and the
 health stages key what they know by endpoint, so two routes on one container
-cost one probe.
+cost one probe.  :func:`format_error` says in one line why a request to an
+endpoint failed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from nimpipe.hosts import host_of, is_private_address
+from nimpipe.stage import host_of, is_private_address
 from nimpipe.types import Route
 
 __all__ = [
