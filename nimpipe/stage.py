@@ -21,10 +21,11 @@ from __future__ import annotations
 from nimpipe._markers import hookimpl, hookspec
 from nimpipe.hosts import host_of, is_loopback, is_private_address
 from nimpipe.paths import config_dir, nimpipe_home
-from nimpipe.redaction import register_secret, scrub, scrub_data, scrub_fields
+from nimpipe.redaction import API_KEY, register_secret, scrub, scrub_data, scrub_fields
 from nimpipe.settings import StageSettings
 
 __all__ = [
+    "API_KEY",
     "NO_STREAM",
     "StageSettings",
     "config_dir",

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from nimpipe.errors import ConfigError
-from nimpipe.redaction import API_KEY
-from nimpipe.stage import hookimpl
+from nimpipe.stage import API_KEY, hookimpl
 from nimpipe.types import Block, Output, Role, ToolCall, Turn, Verdict
 from nimpipe_contrib.guardrails.checkers import declare_hooks
 from nimpipe_contrib.guardrails.verdicts import VerdictLog, publish_verdict
