@@ -563,6 +563,7 @@ def _every_error(key: str) -> list[BaseException]:
         errors.CancelledError(f"cancelled {key}", turn_id=key),
         errors.OfflineError(f"refused {key}", host=key),
         errors.BackendUnavailable(key, f"down: {key}"),
+        errors.PrometheusParseError(f"bad {key}", line_number=1, line=key),
         errors.RedactedError(ValueError(f"original {key}")),
     ]
     for name in errors.__all__:
