@@ -23,7 +23,9 @@ class PerPipeline(Generic[T]):
     def __init__(self, factory: Callable[[Any], T]) -> None:
         self._factory = factory
         self._values: dict[int, tuple[weakref.ref[Any], T]] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: a garbage collection inside the factory may finalise
+        # another pipeline, whose _drop takes this lock on the same thread.
+        self._lock = threading.RLock()
 
     def get(self, pipeline: Any) -> T:
         """The value of ``pipeline``."""
