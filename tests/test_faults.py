@@ -98,9 +98,10 @@ def test_transient_fault_is_retried_to_success(
     streaming: bool,
     mode: str,
 ) -> None:
-    # A stall is only detectable by the read timeout: keep it short.  Output
-    # is held back (CheckOutput), so a stream cut mid-way can be retried.
-    pipeline, ledger = make(make_pipeline, nim_server, CheckOutput(), max_retries=2, timeout=0.5)
+    # A stall is only detectable by the route's timeout: short, but long enough
+    # that the retry's whole answer fits in it on a busy machine.  Output is
+    # held back (CheckOutput), so a stream cut mid-way can be retried.
+    pipeline, ledger = make(make_pipeline, nim_server, CheckOutput(), max_retries=2, timeout=1.0)
     nim_server.inject(kind, count=1, **params)
     started = time.monotonic()
     result = run_turn(pipeline, streaming, mode)
