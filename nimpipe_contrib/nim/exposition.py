@@ -35,7 +35,7 @@ summary sample whose ``quantile`` is not a number.
 
 Why not ``prometheus_client.parser``: its text parser is lax by design (its
 docstring says so).  It takes 9 of the 22 malformed expositions
-``tests/test_prometheus.py`` must refuse as valid (a float timestamp, extra
+``tests/nim/test_prometheus.py`` must refuse as valid (a float timestamp, extra
 values, an invalid escape, a second ``# TYPE``, a bucket without ``le``...),
 names no line, once raises a ``ValueError`` with no message at all, reads past
 ``# EOF``, and files a counter's ``_total`` samples, or a histogram's

@@ -13,7 +13,7 @@ import pytest
 
 from nimpipe import FinishReason, Route, Turn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {"temperature": 0.0, "max_tokens": 24, "seed": 7}
 
 #: The fixed address cassettes were recorded against (the ``live`` session serves llama.cpp here).
@@ -120,7 +120,7 @@ def test_recording_scrubs_keys_a_server_echoes_and_still_replays(
 
     import vcr
     import yaml
-    from echo_servers import EchoServer
+    from support.echo_servers import EchoServer
 
     from nimpipe.errors import AuthenticationError
     from nimpipe.testing.pytest_plugin import vcr_settings

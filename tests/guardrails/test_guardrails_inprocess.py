@@ -1,6 +1,6 @@
 """The guardrails stage with NeMo Guardrails' LLMRails in this process.
 
-The same semantics as the microservice (tests/test_guardrails.py): the
+The same semantics as the microservice (tests/guardrails/test_guardrails.py): the
 self-check rails ask a judge NimServer, the agent's model is another
 NimServer where model calls are counted.  Skipped when ``nemoguardrails`` is
 not importable, unless ``NIMPIPE_REQUIRE_GUARDRAILS`` is set.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrails_fixtures import (
+from support.guardrails_fixtures import (
     BLOCKED_PART,
     JUDGE_REPLIES,
     LEAK_REPLY,

@@ -23,7 +23,7 @@ import pytest
 from nimpipe import tokens
 from nimpipe.types import Message, Route, Secret, ToolCall, ToolSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SAMPLES = [
     "",

@@ -1,16 +1,16 @@
 """A ledger writer in its own process, for the durability tests of ``test_ledger.py``.
 
-``python tests/ledger_writer.py turns DB``
+``python tests/support/ledger_writer.py turns DB``
     runs turns forever through a pipeline with the ``ledger`` stage (SQLite
     file DB) against a NIM-shaped server in this process, printing
     ``COMMITTED <record ids>`` after every committed batch; the test kills it
     with SIGKILL.
-``python tests/ledger_writer.py records TARGET TAG COUNT [START_AT]``
+``python tests/support/ledger_writer.py records TARGET TAG COUNT [START_AT]``
     waits until the Unix time START_AT (so that several writers overlap),
     writes COUNT records straight through the :class:`Ledger` API (TARGET is
     an SQLite path or a PostgreSQL URL), then closes the ledger and prints
     ``DONE <committed>``.
-``python tests/ledger_writer.py spill DB TAG COUNT``
+``python tests/support/ledger_writer.py spill DB TAG COUNT``
     writes COUNT records to the SQLite file DB, which the test holds locked,
     prints ``SPILLED <n>`` once the writer has given up and put them all in
     its spill file, then waits for the test to kill it with SIGKILL.

@@ -285,7 +285,7 @@ def test_the_snapshot_is_versioned_and_says_where_figures_come_from() -> None:
         assert known.context_length and known.context_length >= 2048
         assert known.note and known.origin == "snapshot"
         assert known.price is None  # no public per-token price for the hosted catalog
-    raw = json.loads((Path(__file__).parent.parent / "nimpipe/data/nim_models.json").read_text())
+    raw = json.loads((Path(__file__).resolve().parents[2] / "nimpipe/data/nim_models.json").read_text())
     assert set(raw) == {"version", "about", "models"}
 
 
@@ -324,7 +324,7 @@ def test_bad_settings_name_the_key() -> None:
 
 def documented_settings(stage: str) -> dict[str, str]:
     """The settings table of ``[stages.STAGE]`` in docs/catalog-health.md: key -> default."""
-    doc = (Path(__file__).parent.parent / "docs" / "catalog-health.md").read_text("utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "catalog-health.md").read_text("utf-8")
     section = doc.split(f"`[stages.{stage}]`:", 1)[1].split("\n\n", 2)[1]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
     return {key.strip().strip("`"): default.strip().strip("`") for key, default in rows}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrails_fixtures import (
+from support.guardrails_fixtures import (
     JUDGE_REPLIES,
     LEAK_REPLY,
     REFUSAL,

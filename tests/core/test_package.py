@@ -132,7 +132,7 @@ def test_no_credentials_are_committed() -> None:
 
     from nimpipe.redaction import API_KEY
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if shutil.which("git") is None or not (root / ".git").exists():
         import pytest
 

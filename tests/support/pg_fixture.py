@@ -2,7 +2,7 @@
 
 Import the fixtures from a test module::
 
-    from pg_fixture import pg_url, postgres_server  # noqa: F401
+    from support.pg_fixture import pg_url, postgres_server  # noqa: F401
 
 ``postgres_server`` (session) runs ``initdb`` and ``pg_ctl start`` on a fresh
 temporary directory, on a free loopback port, and stops the postmaster by its

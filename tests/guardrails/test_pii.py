@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from guardrails_fixtures import REFUSAL, decisions, make_pipeline, stage_of
+from support.guardrails_fixtures import REFUSAL, decisions, make_pipeline, stage_of
 
 from nimpipe import hookimpl
 from nimpipe.errors import ConfigError
@@ -292,7 +292,7 @@ def test_every_checker_hook_is_documented_with_its_signature() -> None:
 
     from nimpipe_contrib.guardrails.checkers import GuardrailsCheckerSpec
 
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "guardrails.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "guardrails.md").read_text()
     for name in HOOK_NAMES:
         spec = getattr(GuardrailsCheckerSpec, name)
         params = [p for p in inspect.signature(spec).parameters if p != "self"]
@@ -307,7 +307,7 @@ def test_every_setting_is_documented() -> None:
 
     from nimpipe_contrib.guardrails.settings import KEYS as _KEYS
 
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "guardrails.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "guardrails.md").read_text()
     for key in sorted(_KEYS):
         assert f"`{key}`" in docs or f"[stages.guardrails.{key}]" in docs, key
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guardrails_fixtures import (
+from support.guardrails_fixtures import (
     BLOCKED_PART,
     JUDGE_REPLIES,
     LEAK_REPLY,
@@ -391,7 +391,7 @@ def test_a_rails_server_that_echoes_its_key_never_shows_it(
     """Rail names, rewrites and errors that quote the key reach rules and reasons masked."""
     import secrets
 
-    from echo_servers import EchoServer
+    from support.echo_servers import EchoServer
 
     key = "rails-" + secrets.token_hex(16)  # not key-shaped: the stage registers it
     monkeypatch.setenv("RAILS_TEST_KEY", key)

@@ -9,7 +9,7 @@ import pytest
 
 from nimpipe import hookspecs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOOKS = sorted(
     name
     for name, obj in vars(hookspecs).items()

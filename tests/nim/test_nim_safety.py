@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from guardrails_fixtures import (
+from support.guardrails_fixtures import (
     REFUSAL,
     ScriptedHTTPServer,
     decisions,
@@ -208,7 +208,7 @@ def test_a_safety_service_that_echoes_its_key_never_shows_it(
     import logging
     import secrets
 
-    from echo_servers import EchoServer
+    from support.echo_servers import EchoServer
 
     key = "guard-" + secrets.token_hex(16)  # not key-shaped: the stage registers it
     monkeypatch.setenv("SAFETY_TEST_KEY", key)

@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 import attrs
 import pytest
-from echo_servers import GUARD_MODES, ROUTE_MODES, EchoServer
+from support.echo_servers import GUARD_MODES, ROUTE_MODES, EchoServer
 
 from nimpipe.config import Config
 from nimpipe.pipeline import Pipeline
@@ -46,7 +46,7 @@ from nimpipe.types import Route, Secret, Turn
 
 pytestmark = pytest.mark.timeout(300)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINTS = ("run", "arun", "stream", "astream")
 ROUTE_ENV = "ECHO_TEST_ROUTE_KEY"
 GUARD_ENV = "ECHO_TEST_GUARD_KEY"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pg_fixture import pg_url, postgres_server  # noqa: F401
+from support.pg_fixture import pg_url, postgres_server  # noqa: F401
 
 from nimpipe import CallRecord, Price, Route, Secret, Turn, Verdict
 from nimpipe.errors import ConfigError
@@ -25,8 +25,8 @@ from nimpipe.testing.nim_server import NimServer
 from nimpipe_contrib import ledger as ledger_module
 from nimpipe_contrib.ledger import Ledger, parse_since
 
-TESTS = Path(__file__).resolve().parent
-WRITER = TESTS / "ledger_writer.py"
+TESTS = Path(__file__).resolve().parents[1]
+WRITER = TESTS / "support" / "ledger_writer.py"
 MODEL = "meta/llama-3.1-8b-instruct"
 PRICE = Price(input_per_1k=1.0, output_per_1k=2.0, source="test price")
 
