@@ -121,7 +121,7 @@ def test_interpreter_exit_flushes_the_queue(tmp_path: Path) -> None:
     db = tmp_path / "exit.sqlite"
     code = (
         "import sys\n"
-        "sys.path.insert(0, sys.argv[1])\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[3]]\n"
         "from test_ledger import make_record\n"
         "from nimpipe_contrib.ledger import Ledger\n"
         "ledger = Ledger.open(sys.argv[2], flush_interval=60, batch_size=1000)\n"
@@ -129,7 +129,7 @@ def test_interpreter_exit_flushes_the_queue(tmp_path: Path) -> None:
         "    ledger.record(make_record(i))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(TESTS), str(db)],
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(db), str(TESTS)],
         capture_output=True,
         text=True,
         timeout=60,
