@@ -45,8 +45,8 @@ from _common import add_json_argument, print_table, write_json
 from nimpipe import Pipeline, Route, Turn
 from nimpipe.config import Config
 from nimpipe.testing.nim_server import NimServerProcess
-from nimpipe_contrib import pricing
-from nimpipe_contrib.ledger import Ledger
+from nimpipe_contrib.cost import prices as pricing
+from nimpipe_contrib.cost.ledger import Ledger
 from nimpipe_contrib.routing.scorers import score_response
 
 CHEAP = "meta/llama-3.1-8b-instruct"

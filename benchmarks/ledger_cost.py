@@ -50,7 +50,7 @@ from _common import (
 
 from nimpipe import CallRecord, Pipeline, Price, Turn
 from nimpipe.config import Config
-from nimpipe_contrib.ledger import Ledger
+from nimpipe_contrib.cost.ledger import Ledger
 
 PROMPT = "Say hello in five words."
 BASELINE = "pipeline, no stages"

@@ -358,7 +358,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 _STAGE_COMMANDS = {
     "models": ("nimpipe_contrib.nim.commands", "run_models_command", "the NIM catalog stage"),
     "status": ("nimpipe_contrib.nim.commands", "run_status_command", "the NIM health stage"),
-    "cost": ("nimpipe_contrib.ledger", "run_cost_command", "the cost ledger stage"),
+    "cost": ("nimpipe_contrib.cost.ledger", "run_cost_command", "the cost ledger stage"),
 }
 
 

@@ -69,8 +69,8 @@ BUILTIN_STAGES: Mapping[str, str] = {
 CONTRIB_STAGES: Mapping[str, str] = {
     "nim_catalog": "nimpipe_contrib.nim.catalog",
     "nim_health": "nimpipe_contrib.nim.health",
-    "ledger": "nimpipe_contrib.ledger",
-    "budget": "nimpipe_contrib.budget",
+    "ledger": "nimpipe_contrib.cost.ledger",
+    "budget": "nimpipe_contrib.cost.budget",
     "router": "nimpipe_contrib.routing.router",
     "cascade": "nimpipe_contrib.routing.cascade",
     "guardrails": "nimpipe_contrib.guardrails.stage",

@@ -36,13 +36,13 @@ def _read_health(config: Config) -> None:
 
 
 def _read_ledger(config: Config) -> None:
-    from nimpipe_contrib.ledger import Ledger
+    from nimpipe_contrib.cost.ledger import Ledger
 
     Ledger.from_settings(StageSettings.from_config(config, "ledger"))  # opens nothing yet
 
 
 def _read_budget(config: Config) -> None:
-    from nimpipe_contrib.budget import create_plugin
+    from nimpipe_contrib.cost.budget import create_plugin
 
     create_plugin().apply_settings(StageSettings.from_config(config, "budget"))
 

@@ -33,7 +33,7 @@ import attrs
 
 from nimpipe.stage import StageSettings, hookimpl
 from nimpipe.types import Accept, Attempt, Escalate, Message, Response, Route, Turn
-from nimpipe_contrib import pricing
+from nimpipe_contrib.cost import prices as pricing
 from nimpipe_contrib.routing.reasons import reasons_for
 from nimpipe_contrib.routing.scorers import (
     DEFAULT_SCORERS,

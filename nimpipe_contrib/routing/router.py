@@ -64,7 +64,7 @@ import attrs
 
 from nimpipe.stage import StageSettings, hookimpl
 from nimpipe.types import Attempt, CallRecord, Route, Turn
-from nimpipe_contrib import pricing
+from nimpipe_contrib.cost import prices as pricing
 from nimpipe_contrib.routing.reasons import reasons_for
 
 if TYPE_CHECKING:

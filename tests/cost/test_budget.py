@@ -17,8 +17,8 @@ import pytest
 from nimpipe import Attempt, Block, CallRecord, Price, Route, Turn, hookimpl
 from nimpipe.errors import ConfigError, MalformedReplyError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib.budget import UNCAPPED_COMPLETION_TOKENS, BudgetStage
-from nimpipe_contrib.ledger import Ledger
+from nimpipe_contrib.cost.budget import UNCAPPED_COMPLETION_TOKENS, BudgetStage
+from nimpipe_contrib.cost.ledger import Ledger
 
 CHEAP = "meta/llama-3.1-8b-instruct"
 HOSTED = "meta/llama-3.1-70b-instruct"
@@ -602,7 +602,7 @@ def test_a_call_costing_more_than_its_reservation_is_charged_and_stops_the_next(
 
 
 def test_uncapped_calls_reserve_the_whole_context(server: NimServer, make_pipeline: Any) -> None:
-    from nimpipe_contrib.pricing import prompt_token_bound
+    from nimpipe_contrib.cost.prices import prompt_token_bound
 
     pipeline = make_pipeline(
         routes=[hosted(server, context_length=4096)],
@@ -632,7 +632,7 @@ def test_uncapped_calls_reserve_the_whole_context(server: NimServer, make_pipeli
 def test_a_lying_server_on_an_uncapped_route_overshoots_by_one_call_at_most(
     server: NimServer, make_pipeline: Any, mode: str
 ) -> None:
-    from nimpipe_contrib.pricing import prompt_token_bound
+    from nimpipe_contrib.cost.prices import prompt_token_bound
 
     context = 1000
     turns = [Turn.create(f"{mode} uncapped {i}") for i in range(6)]

@@ -22,8 +22,8 @@ from nimpipe import CallRecord, Price, Route, Secret, Turn, Verdict
 from nimpipe.errors import ConfigError
 from nimpipe.jaato import _reports
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib import ledger as ledger_module
-from nimpipe_contrib.ledger import Ledger, parse_since
+from nimpipe_contrib.cost import ledger as ledger_module
+from nimpipe_contrib.cost.ledger import Ledger, parse_since
 
 TESTS = Path(__file__).resolve().parents[1]
 WRITER = TESTS / "support" / "ledger_writer.py"
@@ -123,7 +123,7 @@ def test_interpreter_exit_flushes_the_queue(tmp_path: Path) -> None:
         "import sys\n"
         "sys.path[:0] = [sys.argv[1], sys.argv[3]]\n"
         "from test_ledger import make_record\n"
-        "from nimpipe_contrib.ledger import Ledger\n"
+        "from nimpipe_contrib.cost.ledger import Ledger\n"
         "ledger = Ledger.open(sys.argv[2], flush_interval=60, batch_size=1000)\n"
         "for i in range(50):\n"
         "    ledger.record(make_record(i))\n"

@@ -15,7 +15,7 @@ import nimpipe
 from nimpipe import Price, Route, Turn
 from nimpipe.errors import ConfigError
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib import pricing
+from nimpipe_contrib.cost import prices as pricing
 
 HOSTED_MODEL = "meta/llama-3.1-70b-instruct"
 

@@ -48,7 +48,7 @@ from nimpipe import CallRecord, Price, Route, Turn, TurnResult
 from nimpipe.config import Config
 from nimpipe.errors import ConfigError
 from nimpipe.pipeline import Pipeline
-from nimpipe_contrib.ledger import Ledger
+from nimpipe_contrib.cost.ledger import Ledger
 
 DEADLINE = 3.0
 MODEL = "hostile-model"

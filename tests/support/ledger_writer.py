@@ -62,7 +62,7 @@ def run_turns(path: str) -> int:
 
 
 def write_records(target: str, tag: str, count: int, start_at: float) -> int:
-    from nimpipe_contrib.ledger import Ledger
+    from nimpipe_contrib.cost.ledger import Ledger
 
     ledger = Ledger.open(target, flush_interval=0.01, batch_size=25)
     ledger.start()
@@ -91,7 +91,7 @@ def write_records(target: str, tag: str, count: int, start_at: float) -> int:
 
 
 def spill_records(path: str, tag: str, count: int) -> int:
-    from nimpipe_contrib.ledger import Ledger
+    from nimpipe_contrib.cost.ledger import Ledger
 
     ledger = Ledger.open(path, flush_interval=0.01, busy_timeout=0.05, retry_timeout=0.2)
     start = time.time()

@@ -69,7 +69,7 @@ Settings (``[stages.ledger]``):
     also emit ``gen_ai.*`` metrics and one span per call when OpenTelemetry
     is installed.
 ``prices``
-    the price file (see :mod:`nimpipe_contrib.pricing`).
+    the price file (see :mod:`nimpipe_contrib.cost.prices`).
 
 ``nimpipe cost`` (:func:`run_cost_command`) and jaato's ``nimpipe-cost``
 (hook ``cost_summary``) report from the same database through
@@ -108,8 +108,8 @@ from nimpipe._markers import hookimpl, hookspec
 from nimpipe.errors import ConfigError, NimpipeError
 from nimpipe.redaction import scrub
 from nimpipe.types import CallRecord, Turn
-from nimpipe_contrib import pricing
-from nimpipe_contrib._ledger_store import (
+from nimpipe_contrib.cost import prices as pricing
+from nimpipe_contrib.cost.store import (
     COLUMNS,
     INT32_MAX,
     QUARANTINE,
@@ -595,7 +595,7 @@ class Ledger:
       found; they are quarantined and the rest is committed;
     - a database that is unavailable (locked, unreachable, full) is retried
       with backoff for ``retry_timeout`` seconds, then the batch is kept in
-      the :class:`~nimpipe_contrib._ledger_store.Spill` file next to the
+      the :class:`~nimpipe_contrib.cost.store.Spill` file next to the
       database and written once the database takes writes again (by this
       process, or by the next ledger on this host if the process is gone);
     - when ``max_pending`` records are queued, :meth:`record` waits at most

@@ -100,7 +100,7 @@ import attrs
 
 from nimpipe._markers import hookimpl
 from nimpipe.types import Attempt, Block, CallRecord, Route, Turn
-from nimpipe_contrib import pricing
+from nimpipe_contrib.cost import prices as pricing
 from nimpipe_contrib._settings import StageSettings
 from nimpipe_contrib.routing.reasons import reasons_for
 
@@ -299,7 +299,7 @@ class BudgetStage:
         self.timezone = _zone(settings)
 
     def _seed(self, ledger_settings: StageSettings) -> None:
-        from nimpipe_contrib.ledger import Ledger
+        from nimpipe_contrib.cost.ledger import Ledger
 
         try:
             ledger = Ledger.from_settings(ledger_settings)
