@@ -34,6 +34,7 @@ from nimpipe._markers import hookspec
 if TYPE_CHECKING:
     import pluggy
 
+    from nimpipe.cli import CommandRegistry
     from nimpipe.errors import ProviderError
     from nimpipe.pipeline import Pipeline
     from nimpipe.types import (
@@ -260,4 +261,61 @@ def record_cost(record: CallRecord, turn: Turn, pipeline: Pipeline) -> None:
     :param turn: the turn the call belonged to.
     :param pipeline: the running pipeline.
     :return: nothing.  *Collected* (results are ignored).
+    """
+
+
+# --------------------------------------------------------------------------
+# Around turns: fan-out and route state
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def fanout_delay(turn: Turn, pipeline: Pipeline) -> float | None:
+    """Say how long a fan-out turn should wait before it starts.
+
+    Called by :meth:`Pipeline.map` and :meth:`Pipeline.amap` for each turn
+    of a batch, once it holds its concurrency slot and before it runs: the
+    way a stage that watches endpoint load (queue depth, 429s) slows a batch
+    down without knowing who runs it.
+
+    :param turn: the turn about to start.
+    :param pipeline: the running pipeline.
+    :return: seconds to wait (``None`` or ``0`` for none).  *Collected*: the
+        largest delay wins; negative, NaN and infinite values count as ``0``.
+    """
+
+
+@hookspec
+def route_usable(route: Route, pipeline: Pipeline) -> bool | None:
+    """Say whether a route can take a call now (for reports and other stages).
+
+    The way a stage that knows endpoint state (up, loading, circuit open)
+    tells the others without being found by name.
+
+    :param route: the route asked about.
+    :param pipeline: the running pipeline.
+    :return: ``False`` when it cannot, ``True`` or ``None`` otherwise.
+        *Collected*: the route is usable unless some implementation says
+        ``False``.
+    """
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def register_commands(commands: CommandRegistry) -> None:
+    """Add ``nimpipe`` subcommands.
+
+    Called once when the ``nimpipe`` command line starts, on the built-in
+    stage modules and the modules of installed ``nimpipe`` entry points,
+    before any config is read.  Keep it cheap: import what a command needs
+    when it runs.
+
+    :param commands: the registry to add commands to
+        (:meth:`CommandRegistry.add` returns an :class:`argparse.ArgumentParser`
+        for the command's options).
+    :return: nothing.  *Collected*.
     """
