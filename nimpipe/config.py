@@ -53,6 +53,8 @@ from nimpipe.types import Price, Route, Secret
 
 __all__ = ["HOSTED_NIM_URL", "Config", "find_config_file"]
 
+#: Context window assumed for a model that neither its route nor its server sizes.
+DEFAULT_CONTEXT_LENGTH = 32768
 #: Base URL of NVIDIA's hosted NIM API.
 HOSTED_NIM_URL = "https://integrate.api.nvidia.com/v1"
 

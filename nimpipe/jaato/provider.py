@@ -54,8 +54,6 @@ __all__ = ["PROVIDER_NAME", "NimpipeProvider", "create_provider"]
 #: The provider's name in jaato (``JAATO_PROVIDER=nimpipe``).
 PROVIDER_NAME = "nimpipe"
 
-#: Context window reported when neither the route nor jaato's settings give one.
-DEFAULT_CONTEXT_LENGTH = 32768
 
 #: Chat-completions fields forwarded from ``plugin_configs.nimpipe.api_params``.
 FORWARDED_API_PARAMS = frozenset(
@@ -463,6 +461,8 @@ class NimpipeProvider:
         route = self._route_in_use()
         if route is not None and route.context_length:
             return route.context_length
+        from nimpipe.config import DEFAULT_CONTEXT_LENGTH
+
         return self._settings.context_length or DEFAULT_CONTEXT_LENGTH
 
     def get_max_output_tokens(self) -> int | None:
