@@ -89,17 +89,15 @@ def _servers(record: bool) -> Iterator[tuple[str, str]]:
 
 @contextlib.contextmanager
 def _cassette(path: Path, mode: str) -> Iterator[None]:
+    from nimpipe.cassettes import replaying
+
     try:
-        import vcr
+        import vcr  # noqa: F401
     except ImportError:
         raise SystemExit(
             "nimpipe demo --replay needs vcrpy: pip install 'nimpipe[testing]'"
         ) from None
-    from nimpipe.testing.pytest_plugin import vcr_settings
-
-    settings = vcr_settings(path.parent, mode)
-    settings.pop("cassette_library_dir")
-    with vcr.VCR(**settings).use_cassette(str(path)):
+    with replaying(path, mode):
         yield
 
 

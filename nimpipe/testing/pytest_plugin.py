@@ -14,7 +14,7 @@ Requests are matched on method, URL and body, so a different prompt never gets
 a recorded answer.  Nothing secret is written: credential headers are dropped,
 and every registered key and everything key-shaped is masked in URLs, headers
 and bodies of requests and responses (a server may echo the key it got; see
-:mod:`nimpipe.testing.cassette_filters`).
+:mod:`nimpipe.cassettes`).
 
 Ini option ``nimpipe_cassette_dir`` sets where cassettes live (default
 ``cassettes`` beside the rootdir).  Needs ``vcrpy`` (``pip install
@@ -29,17 +29,7 @@ from typing import Any
 
 import pytest
 
-from nimpipe.testing.cassette_filters import (
-    SCRUBBED_HEADERS,
-    SCRUBBED_RESPONSE_HEADERS,
-    scrub_request,
-    scrub_response,
-)
-
-__all__ = ["MATCH_ON", "SCRUBBED_HEADERS", "SCRUBBED_RESPONSE_HEADERS", "vcr_settings"]
-
-#: What a request is matched on when replayed.
-MATCH_ON = ("method", "scheme", "host", "port", "path", "query", "body")
+from nimpipe.cassettes import vcr_settings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,19 +50,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "nimpipe_cassette(name): replay model calls from the named nimpipe cassette"
     )
-
-
-def vcr_settings(cassette_dir: str | Path, record_mode: str = "none") -> dict[str, Any]:
-    """The vcrpy settings nimpipe uses: replay-only, matched on the body, every secret masked."""
-    return {
-        "cassette_library_dir": str(cassette_dir),
-        "record_mode": record_mode,
-        "match_on": MATCH_ON,
-        "filter_headers": list(SCRUBBED_HEADERS),
-        "before_record_request": scrub_request,
-        "before_record_response": scrub_response,
-        "decode_compressed_response": True,
-    }
 
 
 @pytest.fixture

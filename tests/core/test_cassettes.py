@@ -79,7 +79,7 @@ def test_cassettes_hold_no_secrets() -> None:
 def test_recording_scrubs_the_key(nim_server: Any, tmp_path: Path, make_pipeline: Any) -> None:
     import vcr
 
-    from nimpipe.testing.pytest_plugin import vcr_settings
+    from nimpipe.cassettes import vcr_settings
 
     nim_server.configure(api_key="nvapi-very-secret")
     settings = vcr_settings(tmp_path, "all")
@@ -122,8 +122,8 @@ def test_recording_scrubs_keys_a_server_echoes_and_still_replays(
     import yaml
     from support.echo_servers import EchoServer
 
+    from nimpipe.cassettes import vcr_settings
     from nimpipe.errors import AuthenticationError
-    from nimpipe.testing.pytest_plugin import vcr_settings
     from nimpipe.types import Secret
 
     key = "echo-" + secrets.token_hex(16)  # not key-shaped: only the registry masks it

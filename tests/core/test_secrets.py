@@ -255,7 +255,7 @@ def run_scenario(
     """
     import vcr
 
-    from nimpipe.testing.pytest_plugin import vcr_settings
+    from nimpipe.cassettes import vcr_settings
 
     scan = Scan()
     settings = vcr_settings(tmp, "all")
