@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from nimpipe._turn import TurnLog, TurnRunner, current_log, is_local
 from nimpipe.config import Config
 from nimpipe.errors import (
     CancelledError,
+    HookError,
     NimpipeError,
     PluginLoadError,
     ProviderError,
@@ -251,9 +253,9 @@ class Pipeline:
 
         :param concurrency: at most this many turns in flight.
         :param throttle: called before each turn starts; returns seconds to
-            wait first.  By default, when the ``nim_health`` stage runs, its
-            ``backpressure()`` (from the server's ``num_requests_waiting``)
-            throttles the batch.
+            wait first.  Without it, each turn asks the ``fanout_delay`` hook
+            once it holds its slot and waits the largest delay a stage gives
+            (the ``nim_health`` stage slows a batch while the server queues).
         :param progress: ``True`` draws a progress line on stderr; a callable
             gets ``(done, total)`` after each turn.
         :param cancel: cancels every turn not yet finished.
@@ -264,9 +266,6 @@ class Pipeline:
         total = len(items)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if throttle is None:
-            health = self.plugins.pm.get_plugin("nim_health")
-            throttle = getattr(health, "backpressure", None)
         gate = asyncio.Semaphore(concurrency)
         results: list[TurnResult | NimpipeError | None] = [None] * total
         report = _progress_reporter(progress, total)
@@ -275,11 +274,13 @@ class Pipeline:
         async def one(index: int, turn: Turn) -> None:
             nonlocal done
             async with gate:
-                if throttle is not None:
-                    delay = throttle()
+                try:
+                    if throttle is not None:
+                        delay = _seconds(throttle())
+                    else:
+                        delay = await self._fanout_delay(turn)
                     if delay > 0:
                         await asyncio.sleep(delay)
-                try:
                     results[index] = await self.arun(turn, cancel=cancel)
                 except NimpipeError as exc:
                     results[index] = exc
@@ -289,6 +290,21 @@ class Pipeline:
 
         await asyncio.gather(*(one(i, t) for i, t in enumerate(items)))
         return [r for r in results if r is not None]
+
+    async def _fanout_delay(self, turn: Turn) -> float:
+        """The largest delay the ``fanout_delay`` implementations give ``turn``."""
+        delay = 0.0
+        found = await self.plugins.collect(
+            "fanout_delay", _sync.resolve_async, turn=turn, pipeline=self
+        )
+        for plugin, value in found:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                cause = TypeError(
+                    f"returned {type(value).__name__}; expected seconds (a number) or None"
+                )
+                raise HookError(plugin=plugin, hook="fanout_delay", cause=cause)
+            delay = max(delay, _seconds(value))
+        return delay
 
     def map(
         self,
@@ -368,6 +384,11 @@ class Pipeline:
         if log is None:
             raise NimpipeError("add_verdict() was called outside a running turn")
         log.verdicts.append(verdict)
+
+
+def _seconds(value: float) -> float:
+    """A delay in seconds; negative, NaN and infinite values count as none."""
+    return float(value) if math.isfinite(value) and value > 0 else 0.0
 
 
 def _progress_reporter(

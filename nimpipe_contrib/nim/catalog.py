@@ -13,22 +13,27 @@ pipeline, plus its hooks:
   (``turn.model``) to an endpoint whose cached catalog lists it, through a
   new route ``MODEL@ROUTE`` (no request on the turn's path);
 - ``nim_catalog`` (declared here) gives jaato's ``list_models()`` and
-  ``nim-models`` their rows.
+  ``nim-models`` their rows;
+- ``nim_models_seen`` (declared here and by the health stage) takes the
+  models a health probe's ``/v1/models`` answer listed
+  (:meth:`ModelCatalog.observe`), so the catalog stays fresh at no extra
+  request.
 
-With the ``nim_health`` stage on, every health probe's ``/v1/models``
-answer refreshes the catalog too (:meth:`ModelCatalog.observe`), at no
-extra request, and a model found on several endpoints goes to one the
-health stage considers usable.
+A model found on several endpoints goes to one whose route no stage's
+``route_usable`` hook refuses (the ``nim_health`` stage answers it from its
+registry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from nimpipe.stage import hookimpl
 from nimpipe.types import Attempt, Route, Turn
 from nimpipe_contrib.nim.catalog_settings import STAGE_NAME, CatalogSettings
-from nimpipe_contrib.nim.hookspecs import CatalogHookSpecs, declare_hooks
+from nimpipe_contrib.nim.endpoints import ModelCard
+from nimpipe_contrib.nim.hookspecs import CatalogHookSpecs, ModelsHookSpecs, declare_hooks
 from nimpipe_contrib.nim.model_catalog import ModelCatalog
 
 if TYPE_CHECKING:
@@ -45,6 +50,7 @@ class NimCatalog(ModelCatalog):
     @hookimpl
     def addhooks(self, pluginmanager: pluggy.PluginManager) -> None:
         declare_hooks(pluginmanager, CatalogHookSpecs, "nim_catalog")
+        declare_hooks(pluginmanager, ModelsHookSpecs, "nim_models_seen")
 
     @hookimpl
     def configure(self, pipeline: Pipeline) -> None:
@@ -72,6 +78,11 @@ class NimCatalog(ModelCatalog):
         return self.route_for(turn.model)
 
     @hookimpl
+    def nim_models_seen(self, url: str, cards: Sequence[ModelCard]) -> None:
+        """Take the models a health probe saw at ``url`` (no request of its own)."""
+        self.observe(url, cards)
+
+    @hookimpl
     def nim_catalog(self, search: str | None, capabilities: bool) -> list[dict[str, Any]]:
         """Rows for jaato's ``nim-models`` and ``list_models()``."""
         rows = []
@@ -90,11 +101,12 @@ class NimCatalog(ModelCatalog):
         return rows
 
     def _usable_by_health(self, route: Route) -> bool:
-        # The health stage is found by its registered name, when it is on.
+        # Whoever knows endpoint state (the nim_health stage, when it is on) says so by hook.
         pipeline = self._pipeline
-        health = pipeline.plugins.pm.get_plugin("nim_health") if pipeline is not None else None
-        usable = getattr(health, "usable", None)
-        return bool(usable(route)) if callable(usable) else True
+        if pipeline is None:
+            return True
+        answers = pipeline.plugins.call("route_usable", route=route, pipeline=pipeline)
+        return all(answer is not False for answer in answers)
 
 
 def create_plugin() -> NimCatalog:

@@ -14,14 +14,18 @@ are :class:`~nimpipe_contrib.nim.health_settings.HealthSettings` and
 - ``before_call`` and ``record_cost`` count calls in flight and feed each
   call's outcome (error kind, latency, time to first token) to the registry,
   whose circuit breaker opens after ``failure_threshold`` failures;
-- ``nim_status`` (declared here) gives jaato's ``nim-status`` one row per route.
+- ``fanout_delay`` slows a ``map``/``amap`` batch while an endpoint queues
+  (:meth:`NimHealth.backpressure`), and ``route_usable`` tells other stages
+  which routes the registry considers callable (:meth:`NimHealth.usable`);
+- ``nim_status`` (declared here) gives jaato's ``nim-status`` one row per route;
+- ``nim_models_seen`` (declared here and by the catalog) passes on the models
+  each probe's ``/v1/models`` listed.
 
 :meth:`NimHealth.wait_until_ready` (and the module-level
 :func:`~nimpipe_contrib.nim.monitor.wait_until_ready`, which needs no
 pipeline) blocks until an endpoint is ready, printing ``waiting for NIM at
 URL: loading model, 40 s`` lines.  :meth:`NimHealth.server_tokens` gives
-the server's own token counters to a cost stage; :meth:`NimHealth.backpressure`
-tells a fan-out to slow down while an endpoint queues.
+the server's own token counters to a cost stage.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from nimpipe.stage import hookimpl
 from nimpipe.types import Attempt, CallRecord, Route, Turn
 from nimpipe_contrib.nim.endpoints import ModelCard, endpoint_url, endpoints_of
 from nimpipe_contrib.nim.health_settings import STAGE_NAME, HealthSettings
-from nimpipe_contrib.nim.hookspecs import StatusHookSpecs, declare_hooks
+from nimpipe_contrib.nim.hookspecs import ModelsHookSpecs, StatusHookSpecs, declare_hooks
 from nimpipe_contrib.nim.monitor import HealthMonitor, print_progress
 from nimpipe_contrib.nim.reports import route_status_rows, status_row
 from nimpipe_contrib.nim.routing import CallsInFlight, HealthRouting
@@ -74,6 +78,7 @@ class NimHealth:
     @hookimpl
     def addhooks(self, pluginmanager: pluggy.PluginManager) -> None:
         declare_hooks(pluginmanager, StatusHookSpecs, "nim_status")
+        declare_hooks(pluginmanager, ModelsHookSpecs, "nim_models_seen")
 
     @hookimpl
     def configure(self, pipeline: Pipeline) -> None:
@@ -158,6 +163,18 @@ class NimHealth:
             self.monitor.wake()  # the half-open probe is due after the cool-down
 
     @hookimpl
+    def fanout_delay(self) -> float:
+        """Slow a fan-out while an endpoint queues (:meth:`backpressure`)."""
+        return self.backpressure()
+
+    @hookimpl
+    def route_usable(self, route: Route) -> bool | None:
+        """Whether the registry lets ``route`` take a call now (``None`` before ``configure``)."""
+        if self._routing is None:
+            return None
+        return self.usable(route)
+
+    @hookimpl
     def nim_status(self, pipeline: Pipeline) -> list[dict[str, Any]]:
         """Rows for jaato's ``nim-status``: one per route."""
         if self.monitor is None:
@@ -239,14 +256,11 @@ class NimHealth:
         return self.monitor
 
     def _pass_models_on(self, url: str, cards: Sequence[ModelCard]) -> None:
-        # The catalog stage is found by its registered name, when it is on.
+        # Whoever keeps a catalog (the nim_catalog stage, when it is on) hears it by hook.
         pipeline = self._pipeline
         if pipeline is None:
             return
-        catalog = pipeline.plugins.pm.get_plugin("nim_catalog")
-        observe = getattr(catalog, "observe", None)
-        if callable(observe):
-            observe(url, cards)
+        pipeline.plugins.call("nim_models_seen", url=url, cards=tuple(cards), pipeline=pipeline)
 
 
 def _endpoint_of(record: CallRecord, pipeline: Pipeline) -> str | None:

@@ -1,8 +1,11 @@
-"""The hooks the NIM stages declare: ``nim_catalog`` and ``nim_status`` (jaato calls both).
+"""The hooks the NIM stages declare: ``nim_catalog`` and ``nim_status`` (jaato calls
+both), and ``nim_models_seen`` (how the health stage shares what its probes saw).
 
-Each stage declares its hook from ``addhooks`` with :func:`declare_hooks`,
+Each stage declares its hooks from ``addhooks`` with :func:`declare_hooks`,
 so a pipeline without the stage has no such hook, and two stages (or two
-pipelines on one plugin manager) never declare one twice.
+pipelines on one plugin manager) never declare one twice.  Both stages
+declare ``nim_models_seen``: the health stage calls it, the catalog
+implements it, and either may run without the other.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from typing import TYPE_CHECKING, Any
 from nimpipe.stage import hookspec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pluggy
 
     from nimpipe import Pipeline
+    from nimpipe_contrib.nim.endpoints import ModelCard
 
-__all__ = ["CatalogHookSpecs", "StatusHookSpecs", "declare_hooks"]
+__all__ = ["CatalogHookSpecs", "ModelsHookSpecs", "StatusHookSpecs", "declare_hooks"]
 
 
 class CatalogHookSpecs:
@@ -48,6 +54,26 @@ class StatusHookSpecs:
             ``running``, ``kv_cache`` and ``detail``, plus ``endpoint``,
             ``latency_ms``, ``models``, ``context`` and ``tokens_per_s``.
             *Collected*.
+        """
+
+
+class ModelsHookSpecs:
+    """The hook both NIM stages declare: the health stage calls it, the catalog implements it."""
+
+    @hookspec
+    def nim_models_seen(self, url: str, cards: Sequence[ModelCard], pipeline: Pipeline) -> None:
+        """Receive the models an endpoint listed, as a health probe saw them.
+
+        Called by the ``nim_health`` stage each time a probe read an
+        endpoint's ``/v1/models`` (on its scheduler thread, or on the thread
+        that asked for the probe): the way the catalog stays fresh at no
+        extra request.  Keep it fast and do not block.
+
+        :param url: the endpoint's URL (as
+            :func:`~nimpipe_contrib.nim.endpoints.endpoint_url` normalises it).
+        :param cards: the models the endpoint listed, in its order.
+        :param pipeline: the running pipeline.
+        :return: nothing.  *Collected* (results are ignored).
         """
 
 
