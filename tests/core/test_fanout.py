@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from nimpipe import CallRecord, CancelToken, Route, Turn, hookimpl
-from nimpipe.errors import NimpipeError, UnavailableError
+from nimpipe.errors import HookError, NimpipeError, UnavailableError
 
 MODEL = "meta/llama-3.1-8b-instruct"
 
@@ -132,3 +133,97 @@ def test_fanout_backs_off_while_the_server_queues(
     seen.clear()
     pipeline.map([Turn.create("q")], concurrency=1)
     assert seen == [0.0]
+
+
+class Delay:
+    """A third-party stage that slows every fan-out turn by ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.asked: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+
+    @hookimpl
+    def fanout_delay(self, turn: Turn) -> float:
+        self.asked[turn.id] = time.monotonic()
+        return self.seconds
+
+    @hookimpl
+    def pre_input(self, turn: Turn) -> None:
+        self.started.setdefault(turn.id, time.monotonic())
+
+
+class Fixed:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @hookimpl
+    def fanout_delay(self) -> Any:
+        return self.value
+
+
+def test_a_stage_s_fanout_delay_holds_each_turn_back(nim_server: Any, make_pipeline: Any) -> None:
+    delay = Delay(0.2)
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)], plugins=[delay]
+    )
+    turns = [Turn.create(f"d{i}") for i in range(4)]
+    results = asyncio.run(pipeline.amap(turns, concurrency=2))
+    assert all(not isinstance(r, NimpipeError) for r in results)
+    assert set(delay.asked) == set(delay.started) == {t.id for t in turns}
+    for turn in turns:  # each turn started no earlier than the delay after it was asked
+        assert delay.started[turn.id] - delay.asked[turn.id] >= 0.2 - 0.01
+    # map (the blocking form) asks too.
+    delay.asked.clear()
+    pipeline.map([Turn.create("m")], concurrency=1)
+    assert len(delay.asked) == 1
+
+
+def test_an_explicit_throttle_replaces_the_fanout_delay_hook(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    delay = Delay(5.0)
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)], plugins=[delay]
+    )
+    turns = [Turn.create(f"t{i}") for i in range(3)]
+    results = pipeline.map(turns, concurrency=3, throttle=lambda: 0.0)
+    assert all(not isinstance(r, NimpipeError) for r in results)
+    assert delay.asked == {} and len(delay.started) == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ((0.05, 0.3), 0.3),  # the largest wins
+        ((0.3, 0.05), 0.3),
+        ((float("nan"), 0.1), 0.1),  # NaN, negative and infinite count as 0
+        ((-4.0, None), 0.0),
+        ((float("inf"), 0), 0.0),
+        ((float("-inf"), 2), 2.0),
+        ((None, None), 0.0),
+    ],
+)
+def test_fanout_delay_takes_the_largest_sane_value(
+    make_pipeline: Any, values: tuple[Any, ...], expected: float
+) -> None:
+    plugins = [(f"delay{i}", Fixed(v)) for i, v in enumerate(values)]
+    pipeline = make_pipeline(plugins=plugins)
+    assert asyncio.run(pipeline._fanout_delay(Turn.create("x"))) == pytest.approx(expected)
+
+
+def test_a_fanout_delay_that_is_not_a_number_fails_its_turn_not_the_batch(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    bad = Fixed("soon")
+    pipeline = make_pipeline(
+        routes=[Route(name="r", base_url=nim_server.base_url, model=MODEL)],
+        plugins=[("slowpoke", bad)],
+    )
+    results = pipeline.map([Turn.create(f"b{i}") for i in range(3)], concurrency=2)
+    assert len(results) == 3
+    for result in results:
+        assert isinstance(result, HookError)
+        assert result.plugin == "slowpoke" and result.hook == "fanout_delay"
+        assert "str" in str(result) and "expected seconds" in str(result)
+    assert nim_server.count("/v1/chat/completions") == 0
