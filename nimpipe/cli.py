@@ -1,7 +1,11 @@
 """The ``nimpipe`` command line.
 
 ``--help`` stays fast: this module imports only argparse at load time; each
-command imports what it needs when it runs.
+command imports what it needs when it runs.  Stages and plugins add commands
+through the ``register_commands`` hook (see :class:`CommandRegistry`): the
+built-in command modules of :data:`nimpipe.plugins.BUILTIN_COMMANDS` and the
+modules of installed ``nimpipe`` entry points are asked when the command line
+starts.
 
 Errors are one line on stderr, ``nimpipe: <message>``, and an exit code:
 0 ok, 1 error, 2 configuration or usage error, 3 blocked (130 interrupted).
@@ -15,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,42 +80,137 @@ def _build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     config.add_argument("--json", action="store_true", help="print as JSON")
 
-    models = sub.add_parser("models", help="list the models of every configured NIM endpoint")
-    models.add_argument("--search", metavar="TEXT", help="only models whose id contains TEXT")
-    models.add_argument(
-        "--capabilities", action="store_true", help="show context length and features"
-    )
-    models.add_argument("--json", action="store_true", help="print as JSON")
-    models.add_argument("--refresh", action="store_true", help="ignore the cached catalog")
-
-    status = sub.add_parser("status", help="health, load and models of every endpoint")
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    status.add_argument("--json", action="store_true", help="print as JSON")
-
-    cost = sub.add_parser("cost", help="spend from the ledger, grouped")
-    cost.add_argument(
-        "--by",
-        choices=("route", "model", "agent", "day"),
-        default="route",
-        help="grouping (default route)",
-    )
-    cost.add_argument(
-        "--since", metavar="WHEN", help="only calls since WHEN (ISO date or e.g. 7d, 24h)"
-    )
-    output = cost.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print as JSON")
-    output.add_argument("--csv", action="store_true", help="print as CSV")
+    commands = CommandRegistry(sub, reserved=("chat", "plugins", "config", "demo"))
+    _register_stage_commands(commands)
 
     demo = sub.add_parser("demo", help="run the pipeline on the embedded local model")
     demo.add_argument("--replay", action="store_true", help="replay the recorded demo offline")
     demo.add_argument("--record", action="store_true", help="re-record the demo cassette")
     demo.add_argument("--cassette", metavar="PATH", help="cassette file for --replay/--record")
+
+    parser.set_defaults(_registry=commands)
     return parser
 
 
+class CommandRegistry:
+    """The ``nimpipe`` subcommands that stages and plugins add (``register_commands`` hook).
+
+    ``run(config, args)`` is called with the loaded configuration and the parsed
+    arguments and returns the exit code; it is looked up only when its command runs.
+    """
+
+    def __init__(self, subparsers: Any, *, reserved: Sequence[str] = ()) -> None:
+        self._sub = subparsers
+        self._owners: dict[str, str] = {name: "nimpipe" for name in reserved}
+        self.runners: dict[str, Callable[[Config, argparse.Namespace], int]] = {}
+        #: The plugin whose ``register_commands`` is being called (named in errors).
+        self.owner = "nimpipe"
+
+    def add(
+        self, name: str, *, help: str, run: Callable[[Config, argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        """Add command ``name``; returns its parser, for its options.
+
+        Raises :class:`~nimpipe.errors.PluginLoadError` when ``name`` is taken.
+        """
+        if name in self._owners:
+            from nimpipe.errors import PluginLoadError
+
+            raise PluginLoadError(
+                f"plugin {self.owner!r} registers command {name!r}, "
+                f"which {self._owners[name]!r} already registers",
+                plugin=self.owner,
+            )
+        if not callable(run):
+            from nimpipe.errors import PluginLoadError
+
+            raise PluginLoadError(
+                f"plugin {self.owner!r} registers command {name!r} with a run that is not "
+                f"callable ({type(run).__name__})",
+                plugin=self.owner,
+            )
+        self._owners[name] = self.owner
+        self.runners[name] = run
+        parser: argparse.ArgumentParser = self._sub.add_parser(name, help=help)
+        return parser
+
+    def names(self) -> tuple[str, ...]:
+        """The commands added through :meth:`add`, in order."""
+        return tuple(self.runners)
+
+
+def _command_plugins() -> list[tuple[str, Any]]:
+    """The plugins asked for commands: the built-in command modules (those installed),
+    then installed ``nimpipe`` entry points (as ``NIMPIPE_LOAD_PLUGINS`` and
+    ``NIMPIPE_DISABLE_PLUGINS`` say; the config file is not read yet)."""
+    import importlib
+
+    from nimpipe.plugins import BUILTIN_COMMANDS, load_plugin_entry_points
+
+    disabled = _env_names("NIMPIPE_DISABLE_PLUGINS") or ()
+    out: list[tuple[str, Any]] = []
+    for name, module_path in BUILTIN_COMMANDS.items():
+        if name in disabled:
+            continue
+        try:
+            out.append((name, importlib.import_module(module_path)))
+        except ImportError:
+            continue  # that stage package is not installed: no such command
+    only = _env_names("NIMPIPE_LOAD_PLUGINS")
+    if only is None or only:
+        out.extend(load_plugin_entry_points(only, skip=disabled))
+    return out
+
+
+def _env_names(variable: str) -> tuple[str, ...] | None:
+    """Comma-separated names from ``variable``; ``None`` when it is not set."""
+    value = os.environ.get(variable)
+    if value is None:
+        return None
+    return tuple(n.strip() for n in value.split(",") if n.strip())
+
+
+def _register_stage_commands(commands: CommandRegistry) -> None:
+    import pluggy
+
+    from nimpipe import hookspecs
+    from nimpipe._markers import PROJECT_NAME
+    from nimpipe.errors import PluginLoadError
+
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in _command_plugins():
+        try:
+            pm.register(plugin, name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise PluginLoadError(f"plugin {name!r} is invalid: {exc}", plugin=name) from exc
+    # Earliest registered first, so that built-in commands come first in ``--help``.
+    for impl in pm.hook.register_commands.get_hookimpls():
+        commands.owner = impl.plugin_name
+        try:
+            impl.function(**{arg: commands for arg in impl.argnames})
+        except PluginLoadError:
+            raise
+        except Exception as exc:
+            raise PluginLoadError(
+                f"plugin {impl.plugin_name!r} failed to register its commands: "
+                f"{type(exc).__name__}: {exc}",
+                plugin=impl.plugin_name,
+            ) from exc
+    commands.owner = "nimpipe"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    try:
+        parser = _build_parser()
+    except Exception as exc:  # a plugin's commands: before --debug is parsed
+        if _env_flag(DEBUG_ENV):
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+        code, message = _describe(exc)
+        _fail(message if code is not None else f"internal error: {type(exc).__name__}: {message}")
+        return code if code is not None else EXIT_ERROR
     args = parser.parse_args(argv)
     if args.version:
         from nimpipe import __version__
@@ -123,7 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     debug = args.debug or _env_flag(DEBUG_ENV)
     try:
-        handler = _COMMANDS[args.command]
+        handler = _COMMANDS.get(args.command)
+        if handler is None:
+            run = args._registry.runners[args.command]
+            result: int = run(_load_config(args), args)
+            return result
         return handler(args)
     except KeyboardInterrupt:
         _fail("interrupted")
@@ -354,27 +457,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: Commands served by contrib stages: command -> (module, function, what it needs).
-_STAGE_COMMANDS = {
-    "models": ("nimpipe_contrib.nim.commands", "run_models_command", "the NIM catalog stage"),
-    "status": ("nimpipe_contrib.nim.commands", "run_status_command", "the NIM health stage"),
-    "cost": ("nimpipe_contrib.cost.ledger", "run_cost_command", "the cost ledger stage"),
-}
-
-
-def _cmd_stage(args: argparse.Namespace) -> int:
-    import importlib
-
-    module_name, function, what = _STAGE_COMMANDS[args.command]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        print(f"nimpipe {args.command}: not available: {what} is not installed", file=sys.stderr)
-        return EXIT_ERROR
-    result: int = getattr(module, function)(_load_config(args), args)
-    return result
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nimpipe.demo import run_demo
 
@@ -386,9 +468,6 @@ _COMMANDS = {
     "plugins": _cmd_plugins,
     "config": _cmd_config,
     "demo": _cmd_demo,
-    "models": _cmd_stage,
-    "status": _cmd_stage,
-    "cost": _cmd_stage,
 }
 
 

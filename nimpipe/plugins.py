@@ -18,9 +18,7 @@ call with its plugin, result and duration on the ``nimpipe.trace`` logger
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import inspect
 import logging
 import sys
 import threading
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
     from nimpipe.config import Config
 
 __all__ = [
+    "BUILTIN_COMMANDS",
     "BUILTIN_STAGES",
     "CONTRIB_STAGES",
     "PluginInfo",
@@ -76,6 +75,17 @@ CONTRIB_STAGES: Mapping[str, str] = {
     "guardrails": "nimpipe_contrib.guardrails.stage",
     "pii_redactor": "nimpipe_contrib.guardrails.pii",
 }
+
+#: Built-in command modules: short name -> module implementing ``register_commands``.
+#: Asked for their ``nimpipe`` subcommands when the command line starts (those installed).
+BUILTIN_COMMANDS: Mapping[str, str] = {
+    "nim_commands": "nimpipe_contrib.nim.commands",
+    "cost_commands": "nimpipe_contrib.cost.commands",
+}
+
+#: The module whose ``SETTINGS_READERS`` reads each contrib stage's table on its own
+#: (see :func:`nimpipe.settings.check_stage_settings`).
+CONTRIB_SETTINGS_READERS = "nimpipe_contrib._settings"
 
 #: Hooks nimpipe dispatches itself; wrappers are refused on them.
 PIPELINE_HOOKS = frozenset(
@@ -387,6 +397,9 @@ class Plugins:
     async def _invoke(
         self, hook: str, impl: _Impl, kwargs: Mapping[str, Any], resolve: Resolver
     ) -> Any:
+        import asyncio  # (here, not at the top: ``nimpipe --help`` imports this module)
+        import inspect
+
         start = time.perf_counter() if self.trace else 0.0
         try:
             result = impl.function(*[kwargs[a] for a in impl.argnames])
@@ -508,13 +521,42 @@ def check_stages(config: Config) -> None:
     stage is read the way the stage reads it when configured (unknown keys and
     bad values are :class:`ConfigError` naming ``stages.NAME.KEY``).
     """
-    from nimpipe_contrib._settings import check_stage_settings
+    from nimpipe.settings import check_stage_settings
 
     for name in (*config.stage_settings, *config.stages):
         if name not in CONTRIB_STAGES:
             raise unknown_stage_error(config, name)
     for name in config.stages:
         check_stage_settings(config, name)
+
+
+def load_plugin_entry_points(
+    only: Iterable[str] | None = None, *, skip: Iterable[str] = ()
+) -> list[tuple[str, Any]]:
+    """Load the installed ``nimpipe`` entry points: ``(name, plugin)`` each, registering nothing.
+
+    ``only`` restricts loading to those names (a name that is not installed is a
+    :class:`PluginLoadError`, as in :meth:`Plugins.load_entrypoints`); names in
+    ``skip`` are left out.
+    """
+    wanted = set(only) if only is not None else None
+    skipped = set(skip)
+    out: list[tuple[str, Any]] = []
+    for ep in _installed_entry_points():
+        if ep.name in skipped or (wanted is not None and ep.name not in wanted):
+            continue
+        if any(name == ep.name for name, _ in out):
+            continue
+        out.append((ep.name, Plugins._load_entrypoint(ep)))
+    if wanted:
+        missing = wanted - {name for name, _ in out} - skipped
+        if missing:
+            raise PluginLoadError(
+                f"NIMPIPE_LOAD_PLUGINS names plugins that are not installed: "
+                f"{', '.join(sorted(missing))}",
+                plugin=sorted(missing)[0],
+            )
+    return out
 
 
 def _installed_entry_points() -> list[EntryPoint]:

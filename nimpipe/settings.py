@@ -17,10 +17,10 @@ import attrs
 from nimpipe.errors import ConfigError
 
 if TYPE_CHECKING:
-    from nimpipe.config import FieldReader
+    from nimpipe.config import Config, FieldReader
     from nimpipe.pipeline import Pipeline
 
-__all__ = ["StageSettings"]
+__all__ = ["StageSettings", "check_stage_settings"]
 
 _MISSING: Any = object()
 
@@ -170,3 +170,28 @@ class StageSettings:
                 raise self.fail(key, "is required")
             return default
         return read(self.key(key), self.table[key])
+
+
+def check_stage_settings(
+    config: Config, name: str, readers: Mapping[str, Callable[[Config], None]] | None = None
+) -> None:
+    """Read stage ``name``'s table as the stage would; raises :class:`ConfigError` naming the key.
+
+    ``readers`` maps stage names to the reader each stage's ``configure`` uses,
+    called on its own (no thread, no file, no connection); by default the
+    ``SETTINGS_READERS`` of the module :data:`nimpipe.plugins.CONTRIB_SETTINGS_READERS`
+    names, when it is installed.  Does nothing for a stage with no reader.
+    """
+    if readers is None:
+        import importlib
+
+        from nimpipe.plugins import CONTRIB_SETTINGS_READERS
+
+        try:
+            module = importlib.import_module(CONTRIB_SETTINGS_READERS)
+        except ImportError:
+            return
+        readers = module.SETTINGS_READERS
+    reader = readers.get(name)
+    if reader is not None:
+        reader(config)

@@ -2,7 +2,8 @@
 
 :func:`check_stage_settings` reads a stage's table the way the stage does
 when it is configured (no thread, no file, no connection): ``nimpipe config``
-uses it to report bad stage settings.  The reader of one table is
+uses it to report bad stage settings (it lives in :mod:`nimpipe.settings` and
+reads :data:`SETTINGS_READERS`).  The reader of one table is
 :class:`nimpipe.settings.StageSettings`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from nimpipe.settings import StageSettings
+from nimpipe.settings import StageSettings, check_stage_settings
 
 if TYPE_CHECKING:
     from nimpipe.config import Config
@@ -86,13 +87,3 @@ SETTINGS_READERS: Mapping[str, Callable[[Config], None]] = {
     "guardrails": _read_guardrails,
     "pii_redactor": _read_pii,
 }
-
-
-def check_stage_settings(config: Config, name: str) -> None:
-    """Read stage ``name``'s table as the stage would; raises :class:`ConfigError` naming the key.
-
-    Does nothing for a stage with no reader in :data:`SETTINGS_READERS`.
-    """
-    reader = SETTINGS_READERS.get(name)
-    if reader is not None:
-        reader(config)

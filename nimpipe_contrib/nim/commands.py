@@ -1,8 +1,9 @@
-"""The ``nimpipe models`` and ``nimpipe status`` commands (``nimpipe.cli`` calls them).
+"""The ``nimpipe models`` and ``nimpipe status`` commands, added by :func:`register_commands`.
 
 Both work whether or not the stages are enabled: they read the stages'
 settings from the config when present and build their own catalog or
-monitor, without a pipeline.  The options are ``nimpipe.cli``'s.
+monitor, without a pipeline.  Importing this module is cheap (``nimpipe
+--help`` imports it); the catalog and the monitor load when a command runs.
 """
 
 from __future__ import annotations
@@ -12,17 +13,38 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from nimpipe_contrib.nim.known_models import load_snapshot
-from nimpipe_contrib.nim.model_catalog import ModelCatalog
-from nimpipe_contrib.nim.monitor import HealthMonitor
-from nimpipe_contrib.nim.reports import models_report, status_report, status_row
+from nimpipe import hookimpl
 
 if TYPE_CHECKING:
     import argparse
 
     from nimpipe import Config
+    from nimpipe.cli import CommandRegistry
 
-__all__ = ["run_models_command", "run_status_command"]
+__all__ = ["register_commands", "run_models_command", "run_status_command"]
+
+
+@hookimpl
+def register_commands(commands: CommandRegistry) -> None:
+    """Add ``nimpipe models`` and ``nimpipe status``."""
+    models = commands.add(
+        "models",
+        help="list the models of every configured NIM endpoint",
+        run=run_models_command,
+    )
+    models.add_argument("--search", metavar="TEXT", help="only models whose id contains TEXT")
+    models.add_argument(
+        "--capabilities", action="store_true", help="show context length and features"
+    )
+    models.add_argument("--json", action="store_true", help="print as JSON")
+    models.add_argument("--refresh", action="store_true", help="ignore the cached catalog")
+
+    status = commands.add(
+        "status", help="health, load and models of every endpoint", run=run_status_command
+    )
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--json", action="store_true", help="print as JSON")
 
 
 def run_models_command(config: Config, args: argparse.Namespace) -> int:
@@ -31,6 +53,10 @@ def run_models_command(config: Config, args: argparse.Namespace) -> int:
     0 when a catalog (fresh or cached) was found for at least one endpoint,
     1 when none was, 2 when no route is configured.
     """
+    from nimpipe_contrib.nim.known_models import load_snapshot
+    from nimpipe_contrib.nim.model_catalog import ModelCatalog
+    from nimpipe_contrib.nim.reports import models_report
+
     if not config.routes:
         print(
             "nimpipe models: no endpoint is configured: add [routes.NAME] to nimpipe.toml "
@@ -84,6 +110,9 @@ def run_status_command(
     line.  Exit code: 0 when every endpoint is ready, 1 otherwise, 2 with no
     route configured.
     """
+    from nimpipe_contrib.nim.monitor import HealthMonitor
+    from nimpipe_contrib.nim.reports import status_report, status_row
+
     if not config.routes:
         print(
             "nimpipe status: no endpoint is configured: add [routes.NAME] to nimpipe.toml "

@@ -358,3 +358,85 @@ def test_plugins_all_lists_what_could_be_enabled(tmp_path: Path) -> None:
     assert rows["cascade"]["active"] is True and rows["cascade"]["hooks"]
     assert rows["ledger"]["active"] is False and "NIMPIPE_STAGES=ledger" in rows["ledger"]["how"]
     assert rows["router"]["active"] is False and "NIMPIPE_DISABLE_PLUGINS" in rows["router"]["how"]
+
+
+# --------------------------------------------------------------------------
+# Commands from stages and plugins (the register_commands hook)
+# --------------------------------------------------------------------------
+
+THIRD_PARTY = """
+from nimpipe import hookimpl
+
+
+def run_hello(config, args):
+    print(f"hello {args.who} offline={config.offline}")
+    return 0
+
+
+@hookimpl
+def register_commands(commands):
+    hello = commands.add("hello", help="say hello from a plugin", run=run_hello)
+    hello.add_argument("--who", default="world")
+    {extra}
+"""
+
+
+def install_plugin(site: Path, name: str, extra: str = "") -> dict[str, str]:
+    """A real installed distribution in ``site`` whose ``nimpipe`` entry point is module ``name``;
+    returns the environment that puts it on the path and loads every entry point (the suite
+    loads none by default)."""
+    site.mkdir(exist_ok=True)
+    (site / f"{name}.py").write_text(THIRD_PARTY.replace("{extra}", extra))
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[nimpipe]\n{name} = {name}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), *sys.path]), "NIMPIPE_LOAD_PLUGINS": name}
+
+
+def test_built_in_stage_commands_come_from_their_stage_modules() -> None:
+    commands = cli.CommandRegistry(cli.argparse.ArgumentParser().add_subparsers())
+    cli._register_stage_commands(commands)
+    assert {"models", "status", "cost"} <= set(commands.names())
+    from nimpipe_contrib.cost import commands as cost_commands
+    from nimpipe_contrib.nim import commands as nim_commands
+
+    assert commands.runners["models"] is nim_commands.run_models_command
+    assert commands.runners["status"] is nim_commands.run_status_command
+    assert commands.runners["cost"] is cost_commands.run_cost
+
+
+def test_plugin_command_shows_in_help_and_runs(tmp_path: Path) -> None:
+    env = install_plugin(tmp_path / "site", "hello_plugin")
+    done = nimpipe("--help", cwd=tmp_path, **env)
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    assert "say hello from a plugin" in done.stdout
+    assert "models" in done.stdout and "cost" in done.stdout
+
+    done = nimpipe("--offline", "hello", "--who", "there", cwd=tmp_path, **env)
+    assert done.returncode == cli.EXIT_OK, done.stderr
+    assert done.stdout.strip() == "hello there offline=True"
+
+    # Entry points are off with NIMPIPE_LOAD_PLUGINS empty, or with the plugin disabled.
+    for off in ({"NIMPIPE_LOAD_PLUGINS": ""}, {"NIMPIPE_DISABLE_PLUGINS": "hello_plugin"}):
+        done = nimpipe("--help", cwd=tmp_path, **(env | off))
+        assert done.returncode == cli.EXIT_OK, done.stderr
+        assert "hello" not in done.stdout and "cost" in done.stdout
+        done = nimpipe("hello", cwd=tmp_path, **(env | off))
+        assert done.returncode == cli.EXIT_USAGE and "invalid choice" in done.stderr
+
+
+@pytest.mark.parametrize("taken", ["hello", "chat", "cost"])
+def test_duplicate_command_name_is_a_clear_plugin_error(tmp_path: Path, taken: str) -> None:
+    extra = f'commands.add("{taken}", help="again", run=run_hello)' if taken != "hello" else ""
+    env = install_plugin(tmp_path / "site", "first_plugin", extra)
+    if taken == "hello":
+        install_plugin(tmp_path / "site", "second_plugin")
+        env["NIMPIPE_LOAD_PLUGINS"] = "first_plugin,second_plugin"
+    done = nimpipe("--help", cwd=tmp_path, **env)
+    assert done.returncode == cli.EXIT_USAGE, done.stderr
+    line = one_error_line(done)
+    assert line.startswith("nimpipe: plugin error: plugin ")
+    assert f"registers command {taken!r}, which " in line and "already registers" in line
+    owner = {"hello": "first_plugin", "chat": "nimpipe", "cost": "cost_commands"}[taken]
+    assert f"{owner!r} already registers" in line

@@ -318,3 +318,59 @@ def test_statuses_list_entry_points_that_could_be_loaded(dists: Path) -> None:
     assert not statuses["default_route"].active
     assert "NIMPIPE_DISABLE_PLUGINS" in statuses["default_route"].how
     assert not statuses["ledger"].active and "NIMPIPE_STAGES=ledger" in statuses["ledger"].how
+
+
+# --------------------------------------------------------------------------
+# The core names contrib only in its tables
+# --------------------------------------------------------------------------
+
+
+def test_core_plugin_modules_name_contrib_only_in_tables() -> None:
+    import ast
+
+    import nimpipe
+
+    core = Path(nimpipe.__file__).parent
+    for module in ("plugins.py", "settings.py", "cli.py"):
+        tree = ast.parse((core / module).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("nimpipe_contrib"), (module, node.module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("nimpipe_contrib"), (module, alias.name)
+
+
+def test_builtin_command_modules_implement_register_commands() -> None:
+    import importlib
+
+    from nimpipe.plugins import BUILTIN_COMMANDS
+
+    assert set(BUILTIN_COMMANDS.values()) == {
+        "nimpipe_contrib.nim.commands",
+        "nimpipe_contrib.cost.commands",
+    }
+    for module_path in BUILTIN_COMMANDS.values():
+        assert callable(importlib.import_module(module_path).register_commands)
+
+
+def test_every_contrib_stage_has_a_settings_reader_and_the_core_calls_it(
+    tmp_path: Path,
+) -> None:
+    import importlib
+
+    from nimpipe.errors import ConfigError
+    from nimpipe.plugins import CONTRIB_SETTINGS_READERS
+    from nimpipe.settings import check_stage_settings
+
+    readers = importlib.import_module(CONTRIB_SETTINGS_READERS).SETTINGS_READERS
+    assert set(readers) == set(CONTRIB_STAGES)
+    path = tmp_path / "nimpipe.toml"
+    path.write_text("[stages.cascade]\nno_such_key = 1\n")
+    config = Config.load(str(path))
+    with pytest.raises(ConfigError, match=r"stages\.cascade\.no_such_key"):
+        check_stage_settings(config, "cascade")
+    seen: list[str] = []
+    check_stage_settings(config, "mine", {"mine": lambda c: seen.append(c.source or "")})
+    assert seen == [str(path)]
+    check_stage_settings(config, "unknown_stage", {})  # no reader: nothing to check
