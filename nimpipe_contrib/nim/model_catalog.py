@@ -97,7 +97,7 @@ class ModelCatalog:
     settings: CatalogSettings = attrs.field(factory=CatalogSettings)
     #: Configured routes when used without a pipeline (:meth:`from_config`).
     config: Config | None = None
-    #: Whether a route may be called now (what the health stage knows); ``None``: any.
+    #: Whether a route may be called now (the stage asks ``route_usable``); ``None``: any.
     usable: Callable[[Route], bool] | None = attrs.field(default=None, init=False)
     _pipeline: Pipeline | None = attrs.field(default=None, init=False)
     _entries: dict[str, EndpointCatalog] = attrs.field(factory=dict, init=False)
@@ -363,8 +363,8 @@ class ModelCatalog:
     def route_for(self, model_id: str) -> Route | None:
         """A route to an endpoint whose cached catalog lists ``model_id`` (no request).
 
-        Prefers endpoints whose route :attr:`usable` accepts (the ``nim_health``
-        stage's view, when the stage is on).
+        Prefers endpoints whose route :attr:`usable` accepts (in the stage: no
+        ``route_usable`` implementation refuses it).
         The route, named ``MODEL@ROUTE`` after the endpoint's first route, is
         added to the pipeline so later turns find it directly.
         """

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from nimpipe import Route, Turn
+from nimpipe import Route, Turn, hookimpl
 from nimpipe.cli import main as cli_main
 from nimpipe.config import Config
 from nimpipe.errors import ConfigError
@@ -214,6 +214,56 @@ def test_a_model_without_a_route_is_found_where_it_is_served(
         assert catalog.route_for("no/such-model") is None
 
 
+class Refuse:
+    """A third-party stage that knows some routes cannot take a call now."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = set(names)
+        self.asked: list[str] = []
+
+    @hookimpl
+    def route_usable(self, route: Route) -> bool | None:
+        self.asked.append(route.name)
+        return False if route.name in self.names else None
+
+
+class Agree:
+    @hookimpl
+    def route_usable(self) -> bool:
+        return True
+
+
+def test_a_route_some_stage_calls_unusable_is_not_chosen_for_a_model(
+    make_pipeline: Any, tmp_path: Path
+) -> None:
+    with (
+        NimServer(models=["shared/model", MODEL]) as first,
+        NimServer(models=["shared/model", "other/model"]) as second,
+    ):
+        refuse = Refuse("a")
+        pipeline = make_pipeline(
+            routes=[route("a", first), route("b", second, "other/model")],
+            stages=settings(tmp_path),
+            plugins=[("refuse", refuse), ("agree", Agree())],
+        )
+        catalog = catalog_of(pipeline)
+        wait_for(lambda: catalog.catalog(first.base_url) is not None, "discovery of a")
+        wait_for(lambda: catalog.catalog(second.base_url) is not None, "discovery of b")
+        first_route, second_route = pipeline.config.route("a"), pipeline.config.route("b")
+        assert catalog.usable is not None
+        assert not catalog.usable(first_route) and catalog.usable(second_route)
+        result = pipeline.run(Turn.create("hello", model="shared/model", timeout=30))
+        assert result.route is not None and result.route.name == "shared/model@b"
+        assert "a" in refuse.asked
+        assert first.count("/v1/chat/completions") == 0
+        assert second.count("/v1/chat/completions") == 1
+        # Another stage's True does not outvote a False: refusing b now steers to a.
+        refuse.names = {"b"}
+        assert catalog.usable(first_route) and not catalog.usable(second_route)
+        steered = catalog.route_for("shared/model")
+        assert steered is not None and steered.name == "shared/model@a"
+
+
 def test_malformed_model_lists_are_clear_errors_not_crashes(
     make_pipeline: Any, tmp_path: Path
 ) -> None:
@@ -285,7 +335,9 @@ def test_the_snapshot_is_versioned_and_says_where_figures_come_from() -> None:
         assert known.context_length and known.context_length >= 2048
         assert known.note and known.origin == "snapshot"
         assert known.price is None  # no public per-token price for the hosted catalog
-    raw = json.loads((Path(__file__).resolve().parents[2] / "nimpipe/data/nim_models.json").read_text())
+    raw = json.loads(
+        (Path(__file__).resolve().parents[2] / "nimpipe/data/nim_models.json").read_text()
+    )
     assert set(raw) == {"version", "about", "models"}
 
 

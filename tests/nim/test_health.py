@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from nimpipe import Route, Turn
+from nimpipe import Route, Turn, hookimpl
 from nimpipe.cli import main as cli_main
 from nimpipe.config import Config
 from nimpipe.errors import ConfigError, UnavailableError
@@ -21,7 +21,7 @@ from nimpipe.jaato import _reports
 from nimpipe.pipeline import Pipeline
 from nimpipe.testing.nim_server import NimServer, closed_port_url
 from nimpipe_contrib.nim.commands import run_status_command
-from nimpipe_contrib.nim.endpoints import endpoints_of
+from nimpipe_contrib.nim.endpoints import endpoint_url, endpoints_of
 from nimpipe_contrib.nim.health import NimHealth
 from nimpipe_contrib.nim.health_settings import HealthSettings
 from nimpipe_contrib.nim.monitor import HealthMonitor, wait_until_ready
@@ -617,6 +617,49 @@ def test_an_unprobed_endpoint_admits_a_trial_call_after_the_cooldown(make_pipeli
         assert pipeline.run(Turn.create("hi", timeout=30)).ok
         assert health.registry.snapshot(target).circuit is Circuit.CLOSED
         assert server.count("/v1/health/ready") == 0
+
+
+def test_the_stage_tells_other_stages_whether_a_route_is_usable(make_pipeline: Any) -> None:
+    with NimServer() as server:
+        server.inject("status", count=2, status=503)
+        pipeline = make_pipeline(
+            routes=[route("hosted", server)],
+            stages={"nim_health": {"probe": "none", "cooldown": 0.2, "failure_threshold": 2}},
+        )
+        target = pipeline.config.route("hosted")
+        assert pipeline.plugins.call("route_usable", route=target, pipeline=pipeline) == [True]
+        for _ in range(2):
+            with pytest.raises(UnavailableError):
+                pipeline.run(Turn.create("hi", timeout=30))
+        assert pipeline.plugins.call("route_usable", route=target, pipeline=pipeline) == [False]
+        time.sleep(0.25)
+        assert pipeline.plugins.call("route_usable", route=target, pipeline=pipeline) == [True]
+
+
+class ModelsSeen:
+    """A third-party stage that hears what the health probes' ``/v1/models`` listed."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, tuple[str, ...]]] = []
+
+    @hookimpl
+    def nim_models_seen(self, url: str, cards: Any, pipeline: Pipeline) -> None:
+        assert isinstance(pipeline, Pipeline)
+        self.seen.append((url, tuple(card.id for card in cards)))
+
+
+def test_probed_models_reach_any_stage_by_hook_without_the_catalog(make_pipeline: Any) -> None:
+    with NimServer(models=[MODEL, "other/model"]) as server:
+        heard = ModelsSeen()
+        pipeline = make_pipeline(
+            routes=[route("local", server)], stages={"nim_health": FAST}, plugins=[heard]
+        )
+        assert pipeline.plugins.pm.get_plugin("nim_catalog") is None
+        wait_for(lambda: heard.seen, "models passed on")
+        url, ids = heard.seen[0]
+        assert url == endpoint_url(server.base_url)
+        assert ids == (MODEL, "other/model")
+        assert server.count("/v1/models") >= len(heard.seen)
 
 
 def test_a_route_whose_model_the_endpoint_does_not_list_is_skipped(make_pipeline: Any) -> None:
