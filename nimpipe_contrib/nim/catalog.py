@@ -105,7 +105,7 @@ class NimCatalog(ModelCatalog):
         pipeline = self._pipeline
         if pipeline is None:
             return True
-        answers = pipeline.plugins.call("route_usable", route=route, pipeline=pipeline)
+        answers = pipeline.hooks.call("route_usable", route=route, pipeline=pipeline)
         return all(answer is not False for answer in answers)
 
 

@@ -260,7 +260,7 @@ class NimHealth:
         pipeline = self._pipeline
         if pipeline is None:
             return
-        pipeline.plugins.call("nim_models_seen", url=url, cards=tuple(cards), pipeline=pipeline)
+        pipeline.hooks.call("nim_models_seen", url=url, cards=tuple(cards), pipeline=pipeline)
 
 
 def _endpoint_of(record: CallRecord, pipeline: Pipeline) -> str | None:
