@@ -22,8 +22,9 @@ from nimpipe import CallRecord, Price, Route, Secret, Turn, Verdict
 from nimpipe.errors import ConfigError
 from nimpipe.jaato import _reports
 from nimpipe.testing.nim_server import NimServer
-from nimpipe_contrib.cost import ledger as ledger_module
-from nimpipe_contrib.cost.ledger import Ledger, parse_since
+from nimpipe_contrib.cost import reports
+from nimpipe_contrib.cost.ledger import Ledger
+from nimpipe_contrib.cost.reports import parse_since
 
 TESTS = Path(__file__).resolve().parents[1]
 WRITER = TESTS / "support" / "ledger_writer.py"
@@ -475,7 +476,7 @@ def test_sqlite_and_postgres_give_identical_reports(
             ledger.record(record)
         ledger.close()
     sqlite, postgres = (Ledger.open(tmp_path / "same.sqlite"), Ledger.open(pg_url))
-    for by in ledger_module.GROUPINGS:
+    for by in reports.GROUPINGS:
         for since in (None, 1_750_000_000.0 + 150_000):
             left, right = sqlite.report(by, since), postgres.report(by, since)
             assert left == right, by
