@@ -86,6 +86,7 @@ class ReportRow:
 
 
 def report_sql(by: str, param: str) -> str:
+    """The grouped spend query ``by`` a grouping, with ``param`` the store's placeholder."""
     columns = ", ".join(_GROUP_COLUMNS[by])
     return (
         f"SELECT {columns}, COUNT(*), "
@@ -100,10 +101,12 @@ def report_sql(by: str, param: str) -> str:
 
 
 def whole(value: Any) -> int:
+    """A SQL sum as an int (``NULL`` of an empty group is 0)."""
     return int(value) if value is not None else 0
 
 
 def rows_of(by: str, raw: Iterable[Sequence[Any]]) -> list[ReportRow]:
+    """The rows of :func:`report_sql`, dearest first (by day: oldest first)."""
     rows = []
     width = len(_GROUP_COLUMNS[by])
     for item in raw:
@@ -134,6 +137,7 @@ def rows_of(by: str, raw: Iterable[Sequence[Any]]) -> list[ReportRow]:
 
 
 def total(rows: Sequence[ReportRow]) -> ReportRow:
+    """The total line of ``rows``."""
     calls = sum(r.calls for r in rows)
     latency = sum(r.mean_latency_ms * r.calls for r in rows)
     return ReportRow(
