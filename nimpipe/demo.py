@@ -183,7 +183,7 @@ def _guarded_cascade_fanout_cost(llama_url: str, tmp: Path) -> None:
     from nimpipe.errors import NimpipeError
     from nimpipe.pipeline import Pipeline
     from nimpipe.types import Price
-    from nimpipe_contrib.cost.ledger import format_report
+    from nimpipe_contrib.cost.reports import format_report
 
     short = Route(
         name="local-short",

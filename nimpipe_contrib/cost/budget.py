@@ -100,8 +100,8 @@ import attrs
 
 from nimpipe._markers import hookimpl
 from nimpipe.types import Attempt, Block, CallRecord, Route, Turn
-from nimpipe_contrib.cost import prices as pricing
 from nimpipe_contrib._settings import StageSettings
+from nimpipe_contrib.cost import prices as pricing
 from nimpipe_contrib.routing.reasons import reasons_for
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ __all__ = ["register_commands", "run_cost"]
 
 
 def run_cost(config: Config, args: argparse.Namespace) -> int:
-    """Run ``nimpipe cost`` (:func:`nimpipe_contrib.cost.ledger.run_cost_command`)."""
-    from nimpipe_contrib.cost.ledger import run_cost_command
+    """Run ``nimpipe cost`` (:func:`nimpipe_contrib.cost.reports.run_cost_command`)."""
+    from nimpipe_contrib.cost.reports import run_cost_command
 
     return run_cost_command(config, args)
 

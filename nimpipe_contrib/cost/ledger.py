@@ -447,12 +447,3 @@ class LedgerStage:
 def create_plugin() -> LedgerStage:
     """A fresh ``ledger`` stage for one pipeline."""
     return LedgerStage()
-
-
-def __getattr__(name: str) -> Any:
-    # Moved to .reports; kept importable from here until every caller imports it there.
-    if name in ("format_report", "run_cost_command"):
-        from nimpipe_contrib.cost import reports
-
-        return getattr(reports, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
