@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support.nim import MODEL, route, wait_for
 
 from nimpipe import Route, Turn, hookimpl
 from nimpipe.cli import main as cli_main
@@ -22,26 +21,8 @@ from nimpipe_contrib.nim.catalog_settings import DEFAULT_CONTEXT_LENGTH, Catalog
 from nimpipe_contrib.nim.health_settings import HealthSettings
 from nimpipe_contrib.nim.known_models import load_overrides, load_snapshot
 
-MODEL = "meta/llama-3.1-8b-instruct"
 HOSTED_MODEL = "meta/llama-3.1-70b-instruct"
 UNKNOWN_MODEL = "acme/unknown-model"
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def route(name: str, server: Any, model: str = MODEL, **kwargs: Any) -> Route:
-    return Route(name=name, base_url=server.base_url, model=model, max_retries=0, **kwargs)
 
 
 def catalog_of(pipeline: Pipeline) -> NimCatalog:

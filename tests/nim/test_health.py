@@ -9,9 +9,10 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from support.nim import MODEL, route, wait_for
 
 from nimpipe import Route, Turn, hookimpl
 from nimpipe.cli import main as cli_main
@@ -29,7 +30,6 @@ from nimpipe_contrib.nim.probes import ProbeResult, Reply, interpret_probe
 from nimpipe_contrib.nim.registry import Circuit, HealthRegistry, HealthState
 from nimpipe_contrib.nim.reports import status_report
 
-MODEL = "meta/llama-3.1-8b-instruct"
 CHAT = "/v1/chat/completions"
 PROBE_PATHS = ("/v1/health/live", "/v1/health/ready", "/v1/models", "/v1/metrics", "/metrics")
 
@@ -41,23 +41,6 @@ FAST = {
     "cooldown": 0.3,
     "failure_threshold": 2,
 }
-
-T = TypeVar("T")
-
-
-def wait_for(check: Callable[[], T], what: str, timeout: float = 10.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def route(name: str, server: Any, model: str = MODEL, **kwargs: Any) -> Route:
-    return Route(name=name, base_url=server.base_url, model=model, max_retries=0, **kwargs)
 
 
 def stage(pipeline: Pipeline) -> NimHealth:
