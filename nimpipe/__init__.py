@@ -109,42 +109,17 @@ __all__ = [
     "hookspec",
 ]
 
-_TYPES = [
-    "Accept",
-    "Attempt",
-    "Block",
-    "CallRecord",
-    "Deferred",
-    "Escalate",
-    "FinishReason",
-    "Message",
-    "Output",
-    "Price",
-    "Response",
-    "Retry",
-    "Rewrite",
-    "Role",
-    "Route",
-    "Secret",
-    "ToolCall",
-    "ToolSpec",
-    "Turn",
-    "TurnResult",
-    "Usage",
-    "Verdict",
-]
-
-# Public names loaded on first use, so that ``import nimpipe`` stays cheap.
+# Public names loaded on first use, so that ``import nimpipe`` stays cheap.  Every
+# other name of ``__all__`` not defined above is a value type of ``nimpipe.types``.
 _LAZY = {
     "Pipeline": "nimpipe.pipeline",
     "CancelToken": "nimpipe.pipeline",
     "Config": "nimpipe.config",
-    **{name: "nimpipe.types" for name in _TYPES},
 }
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
+    module = _LAZY.get(name) or ("nimpipe.types" if name in __all__ else None)
     if module is None:
         raise AttributeError(f"module 'nimpipe' has no attribute {name!r}")
     import importlib

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import nimpipe.hookspecs
+
 import nimpipe
 
 
