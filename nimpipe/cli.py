@@ -80,13 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective configuration (secrets masked)")
     config.add_argument("--json", action="store_true", help="print as JSON")
 
-    commands = CommandRegistry(sub, reserved=("chat", "plugins", "config", "demo"))
+    commands = CommandRegistry(sub, reserved=("chat", "plugins", "config"))
     _register_stage_commands(commands)
-
-    demo = sub.add_parser("demo", help="run the pipeline on the embedded local model")
-    demo.add_argument("--replay", action="store_true", help="replay the recorded demo offline")
-    demo.add_argument("--record", action="store_true", help="re-record the demo cassette")
-    demo.add_argument("--cassette", metavar="PATH", help="cassette file for --replay/--record")
 
     parser.set_defaults(_registry=commands)
     return parser
@@ -457,17 +452,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from nimpipe.demo import run_demo
-
-    return run_demo(replay=args.replay, record=args.record, cassette=args.cassette)
-
-
 _COMMANDS = {
     "chat": _cmd_chat,
     "plugins": _cmd_plugins,
     "config": _cmd_config,
-    "demo": _cmd_demo,
 }
 
 

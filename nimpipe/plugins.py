@@ -81,6 +81,7 @@ CONTRIB_STAGES: Mapping[str, str] = {
 BUILTIN_COMMANDS: Mapping[str, str] = {
     "nim_commands": "nimpipe_contrib.nim.commands",
     "cost_commands": "nimpipe_contrib.cost.commands",
+    "demo": "nimpipe_contrib.demo",
 }
 
 #: The module whose ``SETTINGS_READERS`` reads each contrib stage's table on its own

@@ -349,6 +349,7 @@ def test_builtin_command_modules_implement_register_commands() -> None:
     assert set(BUILTIN_COMMANDS.values()) == {
         "nimpipe_contrib.nim.commands",
         "nimpipe_contrib.cost.commands",
+        "nimpipe_contrib.demo",
     }
     for module_path in BUILTIN_COMMANDS.values():
         assert callable(importlib.import_module(module_path).register_commands)

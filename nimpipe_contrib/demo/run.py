@@ -1,4 +1,4 @@
-"""``nimpipe demo``: the whole pipeline, live on the embedded local model.
+"""``nimpipe demo``: the whole pipeline and its stages, live on the embedded local model.
 
 Live (default): builds the embedded llama.cpp server on first run and starts
 it on 127.0.0.1 beside a NIM-shaped server that plays a NIM container still
@@ -46,7 +46,9 @@ def default_cassette(*, recording: bool = False) -> Path:
     local = Path.cwd() / "cassettes" / "demo.yaml"
     if recording or local.is_file():
         return local
-    return Path(__file__).parent / "data" / "demo.yaml"
+    import nimpipe
+
+    return Path(nimpipe.__file__).parent / "data" / "demo.yaml"
 
 
 def _say(text: str = "") -> None:
