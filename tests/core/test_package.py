@@ -168,3 +168,17 @@ def test_errors_never_carry_the_key() -> None:
     for text in (str(error), repr(error), error.message, str(short)):
         assert "kkkk" not in text and "abc123" not in text
     assert "***" in str(error)
+
+
+def test_every_package_of_the_source_tree_is_shipped() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(
+        tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {"nimpipe.hookspecs"}
+    for top in ("nimpipe", "nimpipe_contrib"):
+        for init in (root / top).rglob("__init__.py"):
+            found.add(".".join(init.parent.relative_to(root).parts))
+    assert found == listed
