@@ -156,8 +156,10 @@ def select_provider(
     :param routes: the candidates after :func:`filter_routes`.
     :param attempt: the attempt number, what caused it and the routes tried.
     :param pipeline: the running pipeline.
-    :return: a :class:`Route` (or the name of a configured route), or ``None``
-        for no opinion.  Stops at first non-None result.
+    :return: a :class:`Route` (or the name of a configured route), a
+        :class:`RouteChoice` (the route with the reason this stage chose it,
+        which reaches ``CallRecord.routing_reason``), or ``None`` for no
+        opinion.  Stops at first non-None result.
     """
 
 
@@ -178,8 +180,10 @@ def before_call(
     :param attempt: which attempt this is.
     :param pipeline: the running pipeline.
     :return: ``None`` to proceed; another :class:`Route` to call instead
-        (e.g. a cheaper one); a :class:`Block` to refuse the call (the turn
-        ends blocked).  *Chained*.
+        (e.g. a cheaper one); a :class:`RouteChoice` to give the reason for
+        the route (the same one or another), joined into
+        ``CallRecord.routing_reason``; a :class:`Block` to refuse the call (the
+        turn ends blocked).  *Chained*.
     """
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from nimpipe._call import Aborted, Mode, Tried, call, check_turn, run_deferred, stamp
+from nimpipe._choice import is_local, join_reasons, kept_routes, no_route_message, selected
 from nimpipe.errors import NimpipeError, NoRouteError, ProviderError
 from nimpipe.types import (
     Accept,
@@ -33,6 +34,7 @@ from nimpipe.types import (
     Rewrite,
     Role,
     Route,
+    RouteChoice,
     Turn,
     TurnResult,
     Usage,
@@ -104,6 +106,8 @@ class TurnRunner:
         self.hold = False
         #: Held output is released sentence by sentence as each passes ``post_output``.
         self.sentence_release = False
+        #: ``(plugin, reason)`` of the stages that chose each attempt's route.
+        self.route_reasons: dict[int, list[tuple[str, str]]] = {}
 
     # ------------------------------------------------------------------
     # the walk
@@ -171,7 +175,7 @@ class TurnRunner:
                     chosen = last_good
                     break
                 raise NoRouteError(
-                    _no_route_message(self.turn, attempt, self.config), turn_id=self.turn.id
+                    no_route_message(self.turn, attempt, self.config), turn_id=self.turn.id
                 )
             if plugins.has_impls("before_call"):
                 route = await self._before_call(route, attempt)
@@ -375,9 +379,7 @@ class TurnRunner:
         if self.plugins.has_impls("filter_routes"):
 
             def step(plugin: str, result: Any, current: tuple[Route, ...]) -> tuple[Any, bool]:
-                kept = tuple(result)
-                if not all(isinstance(r, Route) for r in kept):
-                    raise NimpipeError(f"plugin {plugin!r}: filter_routes must return routes")
+                kept = kept_routes(plugin, result)
                 return kept, not kept
 
             candidates = await self.plugins.chain(
@@ -402,19 +404,22 @@ class TurnRunner:
         if found is None:
             return None
         plugin, choice = found
-        if isinstance(choice, str):
-            choice = self.config.route(choice)
-        if not isinstance(choice, Route):
-            raise NimpipeError(
-                f"plugin {plugin!r}: select_provider returned {type(choice).__name__}"
-            )
-        return choice
+        route, reason = selected(plugin, choice, self.config)
+        self.route_reasons[attempt.number] = [(plugin, reason)]
+        return route
 
     async def _before_call(self, route: Route, attempt: Attempt) -> Route:
         log = self.log
         blocked: list[Block] = []
 
+        reasons = self.route_reasons.setdefault(attempt.number, [])
+
         def step(plugin: str, result: Any, current: Route) -> tuple[Route, bool]:
+            if isinstance(result, RouteChoice):
+                reasons.append((plugin, result.reason))
+                if result.route == current:
+                    return current, False
+                result = result.route
             if isinstance(result, Route):
                 log.decisions.append(
                     Rewrite(
@@ -429,7 +434,7 @@ class TurnRunner:
                 return current, True
             raise NimpipeError(
                 f"plugin {plugin!r}: before_call returned {type(result).__name__}; "
-                "expected Route, Block or None"
+                "expected Route, RouteChoice, Block or None"
             )
 
         route = await self.plugins.chain(
@@ -580,6 +585,9 @@ class TurnRunner:
 
     async def _emit(self, record: CallRecord) -> None:
         log = self.log
+        why = join_reasons(self.route_reasons.get(record.attempt, []))
+        if why:
+            record = attrs.evolve(record, routing_reason=why)
         if len(log.verdicts) > log.attached:
             record = attrs.evolve(record, verdicts=tuple(log.verdicts[log.attached :]))
             log.attached = len(log.verdicts)
@@ -675,13 +683,6 @@ def estimate(turn: Turn, completion_text: str, route: Route) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, source="estimated")
 
 
-def is_local(route: Route) -> bool:
-    """Whether ``route`` is self-hosted or on loopback (the routes offline mode may use)."""
-    from nimpipe.hosts import host_of, is_loopback
-
-    return route.self_hosted or is_loopback(host_of(route.base_url))
-
-
 def _outcome_of(decision: Any, error: ProviderError | None) -> str:
     if isinstance(decision, Escalate):
         return "escalated"
@@ -696,22 +697,3 @@ def _reason(decision: Any) -> str:
     if decision is None:
         return ""
     return f"{decision.plugin}: {decision.reason}" if decision.reason else decision.plugin
-
-
-def _no_route_message(turn: Turn, attempt: Attempt, config: Config) -> str:
-    if not config.routes:
-        return (
-            "no route is configured: add [routes.NAME] to nimpipe.toml, or set "
-            "NIMPIPE_BASE_URL and NIMPIPE_MODEL (or jaato's JAATO_NIM_BASE_URL and JAATO_NIM_MODEL)"
-        )
-    if config.offline and not any(is_local(r) for r in config.routes.values()):
-        return (
-            "offline mode: no route is local or self-hosted (mark one with "
-            "self_hosted = true, or turn offline mode off)"
-        )
-    if turn.route is not None and attempt.number == 1:
-        return (
-            f"turn {turn.id} asks for route {turn.route!r}, which is not available "
-            f"(routes: {', '.join(config.routes)})"
-        )
-    return f"no route left for turn {turn.id} (tried: {', '.join(attempt.tried) or 'none'})"

@@ -35,6 +35,7 @@ __all__ = [
     "Rewrite",
     "Role",
     "Route",
+    "RouteChoice",
     "Secret",
     "ToolCall",
     "ToolSpec",
@@ -374,6 +375,19 @@ class Route:
     )
 
 
+@attrs.frozen
+class RouteChoice:
+    """A route with the reason a stage chose it.
+
+    ``select_provider`` and ``before_call`` may return one instead of a bare
+    :class:`Route`; the reason reaches :attr:`CallRecord.routing_reason` of
+    every record of that call as ``"<plugin>: <reason>"``.
+    """
+
+    route: Route
+    reason: str = ""
+
+
 # --------------------------------------------------------------------------
 # Responses and usage
 # --------------------------------------------------------------------------
@@ -563,6 +577,10 @@ class CallRecord:
     reason: str = ""
     stream: bool = False
     verdicts: tuple[Verdict, ...] = ()
+    #: Why the call went to its route: ``"<plugin>: <reason>"`` of every stage that
+    #: answered ``select_provider`` or ``before_call`` with a :class:`RouteChoice`,
+    #: joined with ``"; "`` (``""`` if none gave a reason).
+    routing_reason: str = ""
 
 
 @attrs.frozen(kw_only=True)
