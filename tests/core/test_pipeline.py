@@ -22,6 +22,7 @@ from nimpipe import (
     Retry,
     Rewrite,
     Route,
+    RouteChoice,
     ToolSpec,
     Turn,
     hookimpl,
@@ -639,6 +640,80 @@ def test_before_call_downgrades_and_refuses(nim_server: Any, make_pipeline: Any)
     second = pipeline.run(Turn.create("q"))
     assert second.blocked is not None and second.blocked.rule == "daily"
     assert chat_count(nim_server) == 1
+
+
+class Picks:
+    """Chooses route ``a`` with a reason, then ``b`` on a retry."""
+
+    @hookimpl
+    def select_provider(self, attempt: Any, pipeline: Any) -> RouteChoice:
+        name = "a" if attempt.number == 1 else "b"
+        return RouteChoice(pipeline.config.route(name), f"attempt {attempt.number} on {name}")
+
+
+class Moves:
+    """Keeps attempt 1 on its route with a reason; moves attempt 2 to ``c``."""
+
+    @hookimpl
+    def before_call(self, route: Route, attempt: Any, pipeline: Any) -> RouteChoice:
+        if attempt.number == 1:
+            return RouteChoice(route, f"{route.name} is in budget")
+        return RouteChoice(pipeline.config.route("c"), f"{route.name} over budget")
+
+
+class RetryOnce:
+    @hookimpl
+    def on_response(self, attempt: Any) -> Retry | None:
+        return Retry(reason="again") if attempt.number == 1 else None
+
+
+def test_route_choice_reasons_reach_every_record_of_their_call(
+    nim_server: Any, make_pipeline: Any
+) -> None:
+    ledger = Ledger()
+    routes = [route_for(nim_server, name) for name in ("a", "b", "c")]
+    pipeline = make_pipeline(
+        routes=routes,
+        plugins=[("picks", Picks()), ("moves", Moves()), ("again", RetryOnce()), ledger],
+    )
+    result = pipeline.run(Turn.create("q"))
+    assert result.route.name == "c"
+    first, second = result.records
+    assert (first.route, first.attempt) == ("a", 1)
+    assert first.routing_reason == "picks: attempt 1 on a; moves: a is in budget"
+    assert (second.route, second.attempt) == ("c", 2)
+    assert second.routing_reason == "picks: attempt 2 on b; moves: b over budget"
+    assert [r.routing_reason for r in ledger.records] == [
+        first.routing_reason,
+        second.routing_reason,
+    ]
+    # Keeping the route with a reason is no rewrite; moving it is one.
+    rewrites = [d for d in result.decisions if isinstance(d, Rewrite)]
+    assert [(d.value, d.plugin) for d in rewrites] == [("c", "moves")]
+
+
+def test_a_plain_route_gives_no_routing_reason(nim_server: Any, make_pipeline: Any) -> None:
+    pipeline = make_pipeline(routes=[route_for(nim_server)])
+    (record,) = pipeline.run(Turn.create("q")).records
+    assert record.routing_reason == ""
+
+
+@pytest.mark.parametrize("hook", ["select_provider", "before_call"])
+def test_a_wrong_route_answer_is_a_clear_error(
+    nim_server: Any, make_pipeline: Any, hook: str
+) -> None:
+    class Odd:
+        pass
+
+    setattr(Odd, hook, hookimpl(lambda self: 42))
+    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[("odd", Odd())])
+    with pytest.raises(NimpipeError, match=f"'odd': {hook} returned int"):
+        pipeline.run(Turn.create("x"))
+    bad = RouteChoice(42, "no route")  # type: ignore[arg-type]
+    setattr(Odd, hook, hookimpl(lambda self: bad))
+    pipeline = make_pipeline(routes=[route_for(nim_server)], plugins=[("odd", Odd())])
+    with pytest.raises(NimpipeError, match=f"'odd': {hook} returned int"):
+        pipeline.run(Turn.create("x"))
 
 
 class Rails:
